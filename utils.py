@@ -1,0 +1,40 @@
+"""Small helpers shared by models, pipelines and eval scripts: device and dtype handling, timing."""
+import time
+
+import mindspore as ms
+
+DTYPES = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16, "fp16": ms.float16,
+          "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
+
+
+def device_target():
+    return ms.get_context("device_target")
+
+
+def on_ascend():
+    return device_target() == "Ascend"
+
+
+def resolve_dtype(dtype):
+    """Accept a MindSpore dtype or its name; refuse what the current device cannot run."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}: choose one of float32, float16, bfloat16")
+        dtype = DTYPES[dtype.lower()]
+    if dtype not in (ms.float32, ms.float16, ms.bfloat16):
+        raise ValueError(f"unsupported dtype {dtype}: choose one of float32, float16, bfloat16")
+    if dtype == ms.bfloat16 and device_target() == "CPU":
+        raise ValueError("bfloat16 is not supported on CPU (MindSpore has no CPU bf16 matmul kernel): "
+                         "use float32 or float16 here, bfloat16 on Ascend")
+    return dtype
+
+
+class Timer:
+    """`with Timer() as t: ...` then `t.seconds`."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
