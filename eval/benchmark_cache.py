@@ -1,0 +1,136 @@
+"""Speed and fidelity of the cache methods in graph mode on the FLUX-proportioned model.
+
+For each setting it prints the time per image, the hit pattern ('C' computed, '.' reused), the measured
+speedup of the denoising loop, the ideal speedup implied by the blocks skipped, the mean time of computed
+and of reused steps, and the difference from the uncached result of the same noise (relative error of the
+final latents, PSNR of the decoded images).
+
+The default model has random weights (eval/make_tiny_checkpoint.py, FLUX's 19 + 38 blocks at 4 heads x 128).
+FBCache thresholds are calibrated for trained weights (0.08 for FLUX.1-dev) and mean nothing for random
+ones, so by default the thresholds are taken from this model's own measured block-0 changes (the 40th and
+70th percentile of an uncached run); pass --thresholds for a real checkpoint. Random weights measure
+cost, never image quality: the PSNR column says how far a setting strays, not how good it looks.
+
+  python -m eval.benchmark_cache
+  python -m eval.benchmark_cache --checkpoint /data/FLUX.1-dev --height 1024 --width 1024 --thresholds 0.08,0.12
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import mindspore as ms
+import numpy as np
+
+from fbcache_ms.config import CacheConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="FLUX checkpoint folder; default: build the FLUX-proportioned random model")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--text-tokens", type=int, default=64, help="T5 sequence length (default 64)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28, FLUX.1-dev's)")
+    p.add_argument("--thresholds", help="two FBCache thresholds, e.g. 0.08,0.12 (default: from the model)")
+    p.add_argument("--interval", default="5,3", help="two TaylorSeer intervals (default 5,3)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--json", help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def run(pipe, call, cache):
+    """One warm-up call of 2 steps (compiles this setting's graph), then the timed call (latents out)."""
+    pipe(**{**call, "num_inference_steps": 2}, cache=cache)
+    start = time.perf_counter()
+    out = pipe(**call, cache=cache, output_type="latent")
+    return out, time.perf_counter() - start
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            from eval.make_tiny_checkpoint import FLUX_PROPORTIONED, make_tiny_checkpoint
+            checkpoint = os.path.join(tmp, "flux-proportioned")
+            print("building the FLUX-proportioned random checkpoint ...", flush=True)
+            make_tiny_checkpoint(checkpoint, variant="dev", seed=0, **FLUX_PROPORTIONED)
+        benchmark(args, checkpoint)
+
+
+def benchmark(args, checkpoint):
+    from pipelines.flux_pipeline import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(checkpoint, dtype=args.dtype, mode="graph")
+    cfg = pipe.transformer.config
+    call = dict(prompt="a photo of a cat on a wooden table", height=args.height, width=args.width,
+                num_inference_steps=args.steps, max_sequence_length=args.text_tokens, seed=0, progress=False)
+
+    def decode(latents):
+        return pipe.decode_latents(latents, args.height, args.width)
+
+    # calibration: the model's own block-0 changes when everything is computed (threshold 0 never hits)
+    probe, _ = run(pipe, call, CacheConfig("fbcache", threshold=0.0))
+    changes = [c for c in probe.cache_stats.changes["cond"] if c is not None]
+    if args.thresholds:
+        thresholds = [float(t) for t in args.thresholds.split(",")]
+    else:
+        thresholds = [round(float(np.percentile(changes, q)), 4) for q in (40, 70)]
+    intervals = [int(n) for n in args.interval.split(",")]
+
+    settings = [CacheConfig("none"), CacheConfig("fbcache", threshold=0.0)]
+    settings += [CacheConfig("fbcache", threshold=t) for t in thresholds]
+    settings += [CacheConfig("taylorseer", order=1, interval=n, warmup=3) for n in intervals]
+    settings += [CacheConfig("taylorseer", order=1, interval=intervals[0], warmup=3, variant="residual")]
+    settings += [CacheConfig("fbcache_taylorseer", threshold=t, order=1) for t in thresholds]
+
+    rows, reference = [], None
+    for cache in settings:
+        out, per_image = run(pipe, call, cache)
+        steps = np.array(out.timings["steps"])
+        if reference is None:
+            reference = dict(latents=out.images, image=decode(out.images), denoise=steps.sum())
+        stats = out.cache_stats
+        computed = np.array(stats.computed["cond"]) if stats else np.ones(len(steps), bool)
+        rel = float(np.abs(out.images - reference["latents"]).max() / np.abs(reference["latents"]).max())
+        rows.append(dict(
+            setting=cache.describe(), config=cache.to_dict(), per_image_s=per_image, denoise_s=float(steps.sum()),
+            pattern=stats.pattern() if stats else "C" * len(steps),
+            speedup=float(reference["denoise"] / steps.sum()),
+            ideal_speedup=float(1 / stats.block_fraction()) if stats else 1.0,
+            computed_step_s=float(steps[computed].mean()) if computed.any() else None,
+            reused_step_s=float(steps[~computed].mean()) if (~computed).any() else None,
+            rel_err=rel, psnr=psnr(decode(out.images), reference["image"])))
+        print(f"{cache.describe():<58} {per_image:7.1f} s/image  {rows[-1]['pattern']}", flush=True)
+
+    blocks = cfg.num_layers + cfg.num_single_layers
+    print(f"\nmodel: {cfg.num_layers} double + {cfg.num_single_layers} single blocks, {cfg.num_attention_heads} heads x "
+          f"{cfg.attention_head_dim}, {args.height}x{args.width} ({(args.height // 16) * (args.width // 16)} image "
+          f"+ {args.text_tokens} text tokens), {args.steps} steps, {args.dtype}, graph mode, "
+          f"{ms.get_context('device_target')}, {os.cpu_count()} cores")
+    print(f"block-0 relative change per step (uncached run): min {min(changes):.3f}, median "
+          f"{np.median(changes):.3f}, max {max(changes):.3f}; thresholds used: {thresholds}")
+    print(f"a reused FBCache step runs 1 of {blocks} blocks; a TaylorSeer forecast step runs none\n")
+    header = (f"| setting | s/image | denoise s | speedup | ideal | computed step s | reused step s | "
+              f"rel. err | PSNR dB | pattern |")
+    print(header)
+    print("|" + "---|" * 10)
+    for r in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"| {r['setting']} | {r['per_image_s']:.1f} | {r['denoise_s']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['ideal_speedup']:.2f}x | {fmt(r['computed_step_s'], '.3f')} | {fmt(r['reused_step_s'], '.3f')} | "
+              f"{r['rel_err']:.2e} | {fmt(r['psnr'], '.1f')} | `{r['pattern']}` |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(args=vars(args), thresholds=thresholds, changes=changes, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""FLUX.1 text-to-image generation: prompt encoding, the denoising loop and decoding.
+
+Mirrors diffusers' FluxPipeline (same tokenisation, latent packing, schedule and true-CFG rule), so that a
+run can be compared with diffusers noise for noise by passing the same packed `latents`.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import ops
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTokenizer, T5TokenizerFast
+
+from fbcache_ms.config import CacheConfig
+from fbcache_ms.policies import make_policy
+from fbcache_ms.stats import CacheStats
+from models.checkpoint import CheckpointError
+from models.flux_transformer import load_flux_transformer
+from models.text_encoders import load_clip_text_encoder, load_t5_encoder
+from models.vae import load_vae, to_uint8_images
+from pipelines.scheduling import euler_step, flux_timesteps, load_scheduler
+from utils import resolve_dtype
+
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+MODES = ("graph", "pynative")
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class PipelineOutput:
+    images: object  # list of PIL images, uint8 array [B, H, W, 3], or packed latents [B, tokens, channels]
+    timings: dict = field(default_factory=dict)  # seconds: encode, denoise (total), steps (list), decode
+    cache_stats: Optional[CacheStats] = None  # per-step computed / reused, when a cache ran
+
+
+def _compiled(fn, mode):
+    return ms.jit(fn) if mode == "graph" else fn
+
+
+def pack_latents(latents):
+    """[B, C, H, W] -> [B, H/2 * W/2, 4C]: 2x2 latent patches become tokens (diffusers' layout)."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+
+def unpack_latents(latents, height, width):
+    """Inverse of `pack_latents` for a latent grid of height x width."""
+    b, _, d = latents.shape
+    c = d // 4
+    return latents.reshape(b, height // 2, width // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def latent_image_ids(height, width):
+    """Position ids [(H/2)(W/2), 3] of the packed tokens: (0, row, column)."""
+    ids = np.zeros((height // 2, width // 2, 3), np.float32)
+    ids[..., 1] = np.arange(height // 2)[:, None]
+    ids[..., 2] = np.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def _as_list(prompt, what):
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+    if not prompts:
+        raise ValueError(f"{what} is empty: give a string or a non-empty list of strings")
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{what} must be a string or a list of strings")
+    return prompts
+
+
+class FluxPipeline:
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, transformer, vae, scheduler,
+                 dtype=ms.float32, mode="graph"):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.dtype, self.mode = dtype, mode
+        self.vae_scale_factor = vae.vae_scale_factor
+        self._clip = _compiled(text_encoder.construct, mode)
+        self._t5 = _compiled(text_encoder_2.construct, mode)
+        self._transformer = _compiled(transformer.construct, mode)
+        self._decode = _compiled(vae.construct, mode)
+        self._policies = {}  # (branch, structure, shape) -> (policy cell, compiled construct)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", mode="graph"):
+        """Load a diffusers-format FLUX.1 folder (dev or schnell). mode: "graph" (compiled) or "pynative"."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
+        dtype = resolve_dtype(dtype)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint folder {path!r} does not exist")
+        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{path!r} is not a complete FLUX.1 checkpoint: missing sub-folder(s) {missing}")
+        sub = lambda name: os.path.join(path, name)  # noqa: E731
+        return cls(
+            tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
+            text_encoder=load_clip_text_encoder(sub("text_encoder"), dtype),
+            tokenizer_2=T5TokenizerFast.from_pretrained(sub("tokenizer_2")),
+            text_encoder_2=load_t5_encoder(sub("text_encoder_2"), dtype),
+            transformer=load_flux_transformer(sub("transformer"), dtype),
+            vae=load_vae(sub("vae"), dtype),
+            scheduler=load_scheduler(sub("scheduler")),
+            dtype=dtype, mode=mode)
+
+    @property
+    def is_dev(self):
+        return self.transformer.config.guidance_embeds
+
+    def cache_policy(self, cache: CacheConfig, branch, batch, image_tokens, text_tokens):
+        """The policy (and its compiled step) for one CFG branch and shape: built once, reset per call."""
+        key = (branch, cache.method, cache.order, cache.variant, batch, image_tokens, text_tokens)
+        if key not in self._policies:
+            policy = make_policy(cache, self.transformer, batch, image_tokens, text_tokens)
+            self._policies[key] = (policy, _compiled(policy.construct, self.mode))
+        return self._policies[key]
+
+    def encode_prompt(self, prompts, num_images_per_prompt, max_sequence_length):
+        """-> (T5 token embeddings [B, L, D], pooled CLIP embedding [B, P]), B = len(prompts) * images."""
+        clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="np").input_ids
+        t5_ids = self.tokenizer_2(prompts, padding="max_length", max_length=max_sequence_length,
+                                  truncation=True, return_tensors="np").input_ids
+        pooled = self._clip(ms.Tensor(clip_ids.astype(np.int32)))
+        embeds = self._t5(ms.Tensor(t5_ids.astype(np.int32)))
+        repeat = np.repeat(np.arange(len(prompts)), num_images_per_prompt)  # image-major, as diffusers
+        index = ms.Tensor(repeat.astype(np.int32))
+        return ops.gather(embeds, index, 0).astype(self.dtype), ops.gather(pooled, index, 0).astype(self.dtype)
+
+    def _initial_latents(self, batch, grid_h, grid_w, seed, generator, latents):
+        channels = self.transformer.config.in_channels // 4
+        expected = (batch, grid_h * grid_w // 4, channels * 4)
+        if latents is not None:
+            latents = latents.asnumpy() if isinstance(latents, ms.Tensor) else np.asarray(latents)
+            if latents.shape != expected:
+                raise ValueError(f"latents must be packed [batch, tokens, channels] = {expected}, got {latents.shape}")
+            return latents.astype(np.float32)
+        if generator is None:
+            generator = np.random.default_rng(seed)
+        gens = generator if isinstance(generator, (list, tuple)) else None
+        if gens is not None and len(gens) != batch:
+            raise ValueError(f"{len(gens)} generators for {batch} images")
+        shape = (channels, grid_h, grid_w)
+        noise = (np.stack([g.standard_normal(shape, np.float32) for g in gens]) if gens is not None
+                 else generator.standard_normal((batch,) + shape, np.float32))
+        return pack_latents(noise)
+
+    def __call__(self, prompt, height=1024, width=1024, num_inference_steps=None, guidance_scale=3.5,
+                 seed=None, generator=None, num_images_per_prompt=1, negative_prompt=None, true_cfg_scale=1.0,
+                 max_sequence_length=None, latents=None, output_type="pil", progress=True, cache=None):
+        """Generate images.
+
+        prompt: str or list of str. seed: int (or None for fresh noise); generator: a numpy Generator or one per
+        image. latents: packed initial noise [B, tokens, 4*C] (as diffusers takes it). True CFG runs when a
+        negative_prompt is given and true_cfg_scale > 1. output_type: "pil", "np" (uint8 [B,H,W,3]) or "latent".
+        cache: a CacheConfig (fbcache_ms.config); None or method "none" runs the uncached model.
+        """
+        cache = cache or CacheConfig()
+        if not isinstance(cache, CacheConfig):
+            raise TypeError(f"cache must be a fbcache_ms.config.CacheConfig, got {type(cache).__name__}")
+        prompts = _as_list(prompt, "prompt")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}: choose one of {OUTPUT_TYPES}")
+        multiple = 2 * self.vae_scale_factor
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        if num_images_per_prompt < 1:
+            raise ValueError("num_images_per_prompt must be at least 1")
+        num_inference_steps = num_inference_steps or (28 if self.is_dev else 4)
+        if num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be at least 1")
+        max_sequence_length = max_sequence_length or (512 if self.is_dev else 256)
+        if not 1 <= max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be in 1..512, got {max_sequence_length}")
+        do_true_cfg = negative_prompt is not None and true_cfg_scale > 1
+        if do_true_cfg:
+            negative = _as_list(negative_prompt, "negative_prompt")
+            if len(negative) == 1:
+                negative = negative * len(prompts)
+            if len(negative) != len(prompts):
+                raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+        batch = len(prompts) * num_images_per_prompt
+        timings = {}
+
+        start = time.perf_counter()
+        embeds, pooled = self.encode_prompt(prompts, num_images_per_prompt, max_sequence_length)
+        if do_true_cfg:
+            neg_embeds, neg_pooled = self.encode_prompt(negative, num_images_per_prompt, max_sequence_length)
+        timings["encode"] = time.perf_counter() - start
+
+        grid_h, grid_w = 2 * (height // multiple), 2 * (width // multiple)
+        x = ms.Tensor(self._initial_latents(batch, grid_h, grid_w, seed, generator, latents), self.dtype)
+        img_ids = ms.Tensor(latent_image_ids(grid_h, grid_w))
+        txt_ids = ms.Tensor(np.zeros((max_sequence_length, 3), np.float32))
+        guidance = ms.Tensor(np.full(batch, guidance_scale, np.float32))
+        timesteps, sigmas = flux_timesteps(self.scheduler, num_inference_steps, x.shape[1])
+
+        branches = {"cond": (embeds, pooled)}
+        if do_true_cfg:
+            branches["uncond"] = (neg_embeds, neg_pooled)
+        predict, stats = self._predictors(cache, branches, x.shape[1], max_sequence_length)
+
+        step_times = []
+        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
+            start = time.perf_counter()
+            # diffusers passes t / 1000 in the latents' dtype; the transformer scales it back
+            timestep = ms.Tensor(np.full(batch, t, np.float32), self.dtype) / 1000
+            inputs = (x, timestep, img_ids, txt_ids, guidance)
+            v = predict("cond", i, *inputs)
+            if do_true_cfg:
+                v_neg = predict("uncond", i, *inputs)
+                v = v_neg + true_cfg_scale * (v - v_neg)
+            x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+            x.asnumpy()  # wait for the step, so the timing is real
+            step_times.append(time.perf_counter() - start)
+        timings["steps"] = step_times
+        timings["denoise"] = float(sum(step_times))
+
+        if output_type == "latent":
+            return PipelineOutput(x.asnumpy(), timings, stats)
+        start = time.perf_counter()
+        images = self.decode_latents(x.astype(ms.float32).asnumpy(), height, width)
+        timings["decode"] = time.perf_counter() - start
+        if output_type == "pil":
+            images = [Image.fromarray(im) for im in images]
+        return PipelineOutput(images, timings, stats)
+
+    def decode_latents(self, latents, height, width):
+        """Packed latents [B, tokens, channels] of a height x width image -> uint8 images [B, H, W, 3]."""
+        multiple = 2 * self.vae_scale_factor
+        grid = unpack_latents(np.asarray(latents, np.float32), 2 * (height // multiple), 2 * (width // multiple))
+        shift = self.vae.shift_factor or 0.0
+        return to_uint8_images(self._decode(ms.Tensor(grid / self.vae.scaling_factor + shift, self.dtype)))
+
+    def _predictors(self, cache, branches, image_tokens, text_tokens):
+        """-> (predict(branch, step_index, x, timestep, img_ids, txt_ids, guidance) -> velocity, stats)."""
+        if cache.method == "none":
+            def predict(branch, i, x, timestep, img_ids, txt_ids, guidance):
+                return self._transformer(x, *branches[branch], timestep, img_ids, txt_ids, guidance)
+            return predict, None
+
+        batch = branches["cond"][0].shape[0]
+        policies = {b: self.cache_policy(cache, b, batch, image_tokens, text_tokens) for b in branches}
+        for policy, _ in policies.values():
+            policy.reset()  # in place: the compiled graph keeps these very Parameters
+        threshold = ms.Tensor(cache.threshold, ms.float32)
+        cfg = self.transformer.config
+        stats = CacheStats(cache.method, cfg.num_layers + cfg.num_single_layers)
+
+        def predict(branch, i, x, timestep, img_ids, txt_ids, guidance):
+            policy, step = policies[branch]
+            v, computed, change = step(x, *branches[branch], timestep, img_ids, txt_ids, guidance,
+                                       ms.Tensor(float(i), ms.float32), threshold, ms.Tensor(cache.is_full_step(i)))
+            computed = bool(computed.asnumpy())
+            stats.record(branch, computed, policy.blocks_run(computed), float(change.asnumpy()))
+            return v
+        return predict, stats

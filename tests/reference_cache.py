@@ -1,0 +1,166 @@
+"""Plain-numpy reference formulas of the cache methods, written independently of fbcache_ms."""
+import math
+
+import numpy as np
+
+
+def newton_forecast(history, step, order):
+    """Newton divided-difference forecast at `step` from [(step, value), ...] (oldest first), using the
+    last order + 1 points: exact for polynomials of degree <= order."""
+    points = history[-(order + 1):]
+    xs = [float(s) for s, _ in points]
+    table = [np.asarray(v, np.float64) for _, v in points]
+    coefs = [table[-1]]
+    for level in range(1, len(points)):
+        table = [(table[j + 1] - table[j]) / (xs[j + level] - xs[j]) for j in range(len(table) - 1)]
+        coefs.append(table[-1])
+    out, weight = coefs[0].copy(), 1.0
+    for i in range(1, len(coefs)):
+        weight *= step - xs[-i]
+        out = out + coefs[i] * weight
+    return out
+
+
+def taylor_factorial_forecast(history, step, order):
+    """The published TaylorSeer rule: backward differences over the last step distance d, then
+    sum_i F_i k^i / i!. Equal to `newton_forecast` for order <= 1, not exact beyond."""
+    factors, last = [], None
+    for s, value in history:
+        new = [np.asarray(value, np.float64)]
+        if last is not None:
+            for i in range(min(order, len(factors))):
+                new.append((new[i] - factors[i]) / (s - last))
+        factors, last = new, s
+    k = step - last
+    return sum(f * k ** i / math.factorial(i) for i, f in enumerate(factors))
+
+
+def fbcache_relative_diff(prev_r1, r1, eps=1e-12):
+    """ParaAttention's rule: mean|prev - now| / mean|prev|."""
+    prev_r1, r1 = np.asarray(prev_r1, np.float64), np.asarray(r1, np.float64)
+    return np.abs(prev_r1 - r1).mean() / max(np.abs(prev_r1).mean(), eps)
+
+
+# ---- the cache methods on the PyTorch diffusers transformer, for parity tests -------------------------
+
+import torch  # noqa: E402
+
+
+class TorchFlux:
+    """diffusers' FluxTransformer2DModel split into the steps the cache methods need (torch, no grad)."""
+
+    def __init__(self, model):
+        self.m = model
+
+    def embed(self, x, enc, pooled, timestep, img_ids, txt_ids, guidance):
+        m = self.m
+        h = m.x_embedder(x)
+        t = timestep.to(h.dtype) * 1000
+        if m.config.guidance_embeds:
+            temb = m.time_text_embed(t, guidance.to(h.dtype) * 1000, pooled)
+        else:
+            temb = m.time_text_embed(t, pooled)
+        rope = m.pos_embed(torch.cat([txt_ids, img_ids], 0))
+        return h, m.context_embedder(enc), temb, rope
+
+    def block(self, i, h, e, temb, rope):
+        e, h = self.m.transformer_blocks[i](hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+        return h, e
+
+    def blocks_from(self, first, h, e, temb, rope):
+        for i in range(first, len(self.m.transformer_blocks)):
+            h, e = self.block(i, h, e, temb, rope)
+        for block in self.m.single_transformer_blocks:
+            e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+        return h, e
+
+    def head(self, h, temb):
+        return self.m.proj_out(self.m.norm_out(h, temb))
+
+    def per_module_stack(self, h, e, temb, rope, outputs):
+        """The block stack where `outputs(key, compute)` gives each module's pre-gate output: `compute()`
+        on a full step, a forecast otherwise. Keys: ("attn", i), ("attn_ctx", i), ("ff", i), ("ff_ctx", i),
+        ("single", j)."""
+        for i, b in enumerate(self.m.transformer_blocks):
+            nh, g_msa, sh_mlp, sc_mlp, g_mlp = b.norm1(h, emb=temb)
+            ne, c_g_msa, c_sh_mlp, c_sc_mlp, c_g_mlp = b.norm1_context(e, emb=temb)
+            pair = {}
+
+            def attention():
+                if "attn" not in pair:
+                    pair["attn"] = b.attn(hidden_states=nh, encoder_hidden_states=ne, image_rotary_emb=rope)
+                return pair["attn"]
+            a_h = outputs(("attn", i), lambda: attention()[0])
+            a_e = outputs(("attn_ctx", i), lambda: attention()[1])
+            h = h + g_msa.unsqueeze(1) * a_h
+            e = e + c_g_msa.unsqueeze(1) * a_e
+            f_h = outputs(("ff", i), lambda: b.ff(b.norm2(h) * (1 + sc_mlp[:, None]) + sh_mlp[:, None]))
+            f_e = outputs(("ff_ctx", i), lambda: b.ff_context(
+                b.norm2_context(e) * (1 + c_sc_mlp[:, None]) + c_sh_mlp[:, None]))
+            h = h + g_mlp.unsqueeze(1) * f_h
+            e = e + c_g_mlp.unsqueeze(1) * f_e
+        txt = e.shape[1]
+        x = torch.cat([e, h], 1)
+        for j, b in enumerate(self.m.single_transformer_blocks):
+            nx, gate = b.norm(x, emb=temb)
+            out = outputs(("single", j), lambda: b.proj_out(torch.cat(
+                [b.attn(hidden_states=nx, image_rotary_emb=rope), b.act_mlp(b.proj_mlp(nx))], dim=2)))
+            x = x + gate.unsqueeze(1) * out
+        return x[:, txt:]
+
+
+class ReferenceCache:
+    """One CFG branch's cache state and decisions, written from the specification in plain torch/numpy."""
+
+    def __init__(self, method, threshold=0.0, order=1, interval=5, warmup=3, variant="per_module"):
+        self.method, self.threshold, self.order = method, threshold, order
+        self.interval, self.warmup, self.variant = interval, warmup, variant
+        self.prev_r1 = None
+        self.residual = None
+        self.history = {}  # key -> [(step, value)] of full steps
+        self.changes = []  # FBCache's relative change at each step that had a reference
+
+    def _remember(self, key, step, value):
+        self.history.setdefault(key, []).append((step, value.double().numpy()))
+
+    def _forecast(self, key, step, like):
+        value = newton_forecast(self.history[key], step, self.order)
+        return torch.from_numpy(value).to(like.dtype)
+
+    def is_full(self, step):
+        return step < self.warmup or (step - self.warmup) % self.interval == 0
+
+    def step(self, flux, step, *inputs):
+        """-> (velocity, computed)."""
+        h, e, temb, rope = flux.embed(*inputs)
+        if self.method in ("fbcache", "fbcache_taylorseer"):
+            h0, e0 = flux.block(0, h, e, temb, rope)
+            r1 = h0 - h
+            hit = False
+            if self.prev_r1 is not None and step > 0:
+                self.changes.append(fbcache_relative_diff(self.prev_r1.numpy(), r1.numpy()))
+                hit = self.changes[-1] < self.threshold
+            if hit:
+                res = (self._forecast("res", step, h0) if self.method == "fbcache_taylorseer" else self.residual)
+                return flux.head(h0 + res, temb), False
+            self.prev_r1 = r1
+            hf, _ = flux.blocks_from(1, h0, e0, temb, rope)
+            self.residual = hf - h0
+            self._remember("res", step, self.residual)
+            return flux.head(hf, temb), True
+        full = self.is_full(step)
+        if self.variant == "residual":
+            if full:
+                hf, _ = flux.blocks_from(0, h, e, temb, rope)
+                self._remember("res", step, hf - h)
+            else:
+                hf = h + self._forecast("res", step, h)
+            return flux.head(hf, temb), full
+
+        def outputs(key, compute):
+            if full:
+                value = compute()
+                self._remember(key, step, value)
+                return value
+            return self._forecast(key, step, h)
+        return flux.head(flux.per_module_stack(h, e, temb, rope, outputs), temb), full
