@@ -110,49 +110,52 @@ class _Proj(nn.Cell):
         return self.proj(x)
 
 
-class DoubleStreamAttention(nn.Cell):
-    """Joint attention of the text and image streams, each with its own projections."""
+class SingleStreamAttention(nn.Cell):
+    """Self-attention with per-head RMSNorm of q and k and RoPE; returns the un-projected output."""
 
     def __init__(self, dim, heads, head_dim, dtype):
         super().__init__()
         self.heads = heads
         self.to_q, self.to_k, self.to_v = linear(dim, dim, dtype), linear(dim, dim, dtype), linear(dim, dim, dtype)
         self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-6, dtype), RMSNorm(head_dim, 1e-6, dtype)
+        self.attention = Attention(heads, head_dim)
+
+    def _heads(self, x):
+        return x.reshape(x.shape[0], x.shape[1], self.heads, -1)
+
+    def qkv(self, x):
+        return (self.norm_q(self._heads(self.to_q(x))), self.norm_k(self._heads(self.to_k(x))),
+                self._heads(self.to_v(x)))
+
+    def attend(self, q, k, v, cos, sin):
+        return self.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+
+    def construct(self, x, cos, sin):
+        q, k, v = self.qkv(x)
+        return self.attend(q, k, v, cos, sin)
+
+
+class DoubleStreamAttention(SingleStreamAttention):
+    """Joint attention of the text and image streams, each with its own projections."""
+
+    def __init__(self, dim, heads, head_dim, dtype):
+        super().__init__(dim, heads, head_dim, dtype)
         self.add_q_proj = linear(dim, dim, dtype)
         self.add_k_proj = linear(dim, dim, dtype)
         self.add_v_proj = linear(dim, dim, dtype)
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, 1e-6, dtype), RMSNorm(head_dim, 1e-6, dtype)
         self.to_out = nn.CellList([linear(dim, dim, dtype)])
         self.to_add_out = linear(dim, dim, dtype)
-        self.attention = Attention(heads, head_dim)
-
-    def _heads(self, x):
-        return x.reshape(x.shape[0], x.shape[1], self.heads, -1)
 
     def construct(self, x, c, cos, sin):
         """x: image tokens, c: text tokens (already modulated). Returns the pre-gate outputs of both."""
         txt_len = c.shape[1]
-        q = ops.cat([self.norm_added_q(self._heads(self.add_q_proj(c))), self.norm_q(self._heads(self.to_q(x)))], 1)
-        k = ops.cat([self.norm_added_k(self._heads(self.add_k_proj(c))), self.norm_k(self._heads(self.to_k(x)))], 1)
-        v = ops.cat([self._heads(self.add_v_proj(c)), self._heads(self.to_v(x))], 1)
-        out = self.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        q, k, v = self.qkv(x)
+        q = ops.cat([self.norm_added_q(self._heads(self.add_q_proj(c))), q], 1)
+        k = ops.cat([self.norm_added_k(self._heads(self.add_k_proj(c))), k], 1)
+        v = ops.cat([self._heads(self.add_v_proj(c)), v], 1)
+        out = self.attend(q, k, v, cos, sin)
         return self.to_out[0](out[:, txt_len:]), self.to_add_out(out[:, :txt_len])
-
-
-class SingleStreamAttention(nn.Cell):
-    def __init__(self, dim, heads, head_dim, dtype):
-        super().__init__()
-        self.heads = heads
-        self.to_q, self.to_k, self.to_v = linear(dim, dim, dtype), linear(dim, dim, dtype), linear(dim, dim, dtype)
-        self.norm_q, self.norm_k = RMSNorm(head_dim, 1e-6, dtype), RMSNorm(head_dim, 1e-6, dtype)
-        self.attention = Attention(heads, head_dim)
-
-    def construct(self, x, cos, sin):
-        b, s = x.shape[0], x.shape[1]
-        q = self.norm_q(self.to_q(x).reshape(b, s, self.heads, -1))
-        k = self.norm_k(self.to_k(x).reshape(b, s, self.heads, -1))
-        v = self.to_v(x).reshape(b, s, self.heads, -1)
-        return self.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
 
 
 class DoubleStreamBlock(nn.Cell):

@@ -37,3 +37,19 @@ def tiny_schnell_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_flux_schnell")
     make_tiny_checkpoint(path, variant="schnell", seed=0)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def torch_dev_pipeline(tiny_dev_checkpoint):
+    """diffusers' FluxPipeline on the tiny dev checkpoint: the numerical reference."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_dev_checkpoint, torch_dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def dev_pipeline(tiny_dev_checkpoint):
+    """Our pipeline on the same checkpoint, graph mode (compiled graphs are reused across tests)."""
+    from pipelines.flux_pipeline import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_dev_checkpoint, mode="graph")

@@ -4,7 +4,6 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline as TorchFluxPipeline
 from mindspore import nn
 from mindspore.graph.api import ms_compile_cache
 
@@ -114,16 +113,6 @@ def test_taylor_reset_forgets_history():
 
 # ---- against the torch reference on the diffusers twin -----------------------------------------------
 
-@pytest.fixture(scope="module")
-def torch_pipe(tiny_dev_checkpoint):
-    return TorchFluxPipeline.from_pretrained(tiny_dev_checkpoint, torch_dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dev_checkpoint):
-    return FluxPipeline.from_pretrained(tiny_dev_checkpoint, mode="graph")
-
-
 def _latents(batch=1, seed=0):
     return np.random.default_rng(seed).standard_normal((batch, 16, 64)).astype(np.float32)
 
@@ -155,17 +144,17 @@ def reference_run(torch_pipe, latents, prompt, negative_prompt=None, true_cfg_sc
         return x.numpy(), pattern
 
 
-def _ours(pipe, latents, prompt, cache, **kw):
-    out = pipe(prompt, latents=latents, cache=cache, **CALL, **kw)
+def _ours(dev_pipeline, latents, prompt, cache, **kw):
+    out = dev_pipeline(prompt, latents=latents, cache=cache, **CALL, **kw)
     _ours.stats = out.cache_stats
     return out.images, {k: out.cache_stats.pattern(k) for k in out.cache_stats.computed}
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.35, 0.45])
-def test_fbcache_matches_reference(torch_pipe, pipe, threshold):
+def test_fbcache_matches_reference(torch_dev_pipeline, dev_pipeline, threshold):
     latents = _latents()
-    expected, ref_pattern = reference_run(torch_pipe, latents, "a cat", method="fbcache", threshold=threshold)
-    ours, pattern = _ours(pipe, latents, "a cat", CacheConfig("fbcache", threshold=threshold))
+    expected, ref_pattern = reference_run(torch_dev_pipeline, latents, "a cat", method="fbcache", threshold=threshold)
+    ours, pattern = _ours(dev_pipeline, latents, "a cat", CacheConfig("fbcache", threshold=threshold))
     assert pattern == ref_pattern
     assert pattern["cond"][0] == "C" and "." in pattern["cond"] and "C" in pattern["cond"][1:]
     changes = _ours.stats.changes["cond"]
@@ -174,8 +163,8 @@ def test_fbcache_matches_reference(torch_pipe, pipe, threshold):
     assert rel_err(ours, expected) < 1e-4
 
 
-def test_fbcache_patterns_differ_across_thresholds(pipe):
-    patterns = [_ours(pipe, _latents(), "a cat", CacheConfig("fbcache", threshold=t))[1]["cond"]
+def test_fbcache_patterns_differ_across_thresholds(dev_pipeline):
+    patterns = [_ours(dev_pipeline, _latents(), "a cat", CacheConfig("fbcache", threshold=t))[1]["cond"]
                 for t in (0.0, 0.35, 1.0)]
     assert patterns[0] == "C" * STEPS  # threshold 0 never reuses
     assert patterns[0] != patterns[1] != patterns[2] and "." in patterns[1]
@@ -183,41 +172,41 @@ def test_fbcache_patterns_differ_across_thresholds(pipe):
 
 
 @pytest.mark.parametrize("order,variant", [(1, "per_module"), (2, "per_module"), (1, "residual"), (0, "residual")])
-def test_taylorseer_matches_reference(torch_pipe, pipe, order, variant):
+def test_taylorseer_matches_reference(torch_dev_pipeline, dev_pipeline, order, variant):
     latents = _latents(seed=1)
     kw = dict(order=order, interval=3, warmup=2)
-    expected, ref_pattern = reference_run(torch_pipe, latents, "a dog", method="taylorseer", variant=variant, **kw)
-    ours, pattern = _ours(pipe, latents, "a dog", CacheConfig("taylorseer", variant=variant, **kw))
+    expected, ref_pattern = reference_run(torch_dev_pipeline, latents, "a dog", method="taylorseer", variant=variant, **kw)
+    ours, pattern = _ours(dev_pipeline, latents, "a dog", CacheConfig("taylorseer", variant=variant, **kw))
     assert pattern == ref_pattern == {"cond": "CCC..C.."}
     assert rel_err(ours, expected) < 1e-4
 
 
-def test_fbcache_taylorseer_matches_reference(torch_pipe, pipe):
+def test_fbcache_taylorseer_matches_reference(torch_dev_pipeline, dev_pipeline):
     latents = _latents(seed=2)
-    expected, ref_pattern = reference_run(torch_pipe, latents, "a cat", method="fbcache_taylorseer",
+    expected, ref_pattern = reference_run(torch_dev_pipeline, latents, "a cat", method="fbcache_taylorseer",
                                           threshold=0.35, order=1)
-    ours, pattern = _ours(pipe, latents, "a cat", CacheConfig("fbcache_taylorseer", threshold=0.35, order=1))
-    plain, _ = _ours(pipe, latents, "a cat", CacheConfig("fbcache", threshold=0.35))
+    ours, pattern = _ours(dev_pipeline, latents, "a cat", CacheConfig("fbcache_taylorseer", threshold=0.35, order=1))
+    plain, _ = _ours(dev_pipeline, latents, "a cat", CacheConfig("fbcache", threshold=0.35))
     assert pattern == ref_pattern and "." in pattern["cond"]
     assert rel_err(ours, expected) < 1e-4
     assert np.abs(ours - plain).max() > 1e-4  # the forecast replaced plain reuse
 
 
-def test_true_cfg_keeps_one_state_per_branch(torch_pipe, pipe):
+def test_true_cfg_keeps_one_state_per_branch(torch_dev_pipeline, dev_pipeline):
     latents = _latents(seed=3)
     kw = dict(negative_prompt="blurry", true_cfg_scale=2.5)
-    expected, ref_pattern = reference_run(torch_pipe, latents, "a cat", method="fbcache", threshold=0.35, **kw)
-    ours, pattern = _ours(pipe, latents, "a cat", CacheConfig("fbcache", threshold=0.35), **kw)
+    expected, ref_pattern = reference_run(torch_dev_pipeline, latents, "a cat", method="fbcache", threshold=0.35, **kw)
+    ours, pattern = _ours(dev_pipeline, latents, "a cat", CacheConfig("fbcache", threshold=0.35), **kw)
     assert set(pattern) == {"cond", "uncond"} and pattern == ref_pattern
     assert rel_err(ours, expected) < 1e-4
 
 
 # ---- behaviour -------------------------------------------------------------------------------------------
 
-def test_threshold_zero_equals_uncached(pipe):
+def test_threshold_zero_equals_uncached(dev_pipeline):
     latents = _latents(batch=2, seed=4)
-    uncached = pipe(["a cat", "a dog"], latents=latents, **CALL).images
-    cached = pipe(["a cat", "a dog"], latents=latents, cache=CacheConfig("fbcache", threshold=0.0), **CALL)
+    uncached = dev_pipeline(["a cat", "a dog"], latents=latents, **CALL).images
+    cached = dev_pipeline(["a cat", "a dog"], latents=latents, cache=CacheConfig("fbcache", threshold=0.0), **CALL)
     assert cached.cache_stats.pattern() == "C" * STEPS
     np.testing.assert_allclose(cached.images, uncached, rtol=0, atol=1e-6)
 
@@ -225,27 +214,27 @@ def test_threshold_zero_equals_uncached(pipe):
 @pytest.mark.parametrize("cache", [CacheConfig("fbcache", threshold=0.35),
                                    CacheConfig("taylorseer", order=1, interval=3, warmup=2),
                                    CacheConfig("fbcache_taylorseer", threshold=0.35)])
-def test_state_does_not_leak_between_calls(pipe, cache):
+def test_state_does_not_leak_between_calls(dev_pipeline, cache):
     a, b = _latents(seed=5), _latents(seed=6)
-    alone = pipe("a dog", latents=b, cache=cache, **CALL)
-    pipe("a cat", latents=a, cache=cache, **CALL)
-    after = pipe("a dog", latents=b, cache=cache, **CALL)
+    alone = dev_pipeline("a dog", latents=b, cache=cache, **CALL)
+    dev_pipeline("a cat", latents=a, cache=cache, **CALL)
+    after = dev_pipeline("a dog", latents=b, cache=cache, **CALL)
     assert after.cache_stats.pattern() == alone.cache_stats.pattern()
     np.testing.assert_array_equal(after.images, alone.images)
 
 
-def test_step_zero_always_computes_even_at_max_threshold(pipe):
+def test_step_zero_always_computes_even_at_max_threshold(dev_pipeline):
     cache = CacheConfig("fbcache", threshold=1.0)
     for seed in (7, 8):  # the second call starts with state left by the first
-        out = pipe("a cat", latents=_latents(seed=seed), cache=cache, **CALL)
+        out = dev_pipeline("a cat", latents=_latents(seed=seed), cache=cache, **CALL)
         assert out.cache_stats.pattern()[0] == "C"
         assert out.cache_stats.blocks_run["cond"][0] == 5 and out.cache_stats.blocks_run["cond"][1] == 1
 
 
-def test_threshold_change_does_not_recompile(pipe):
-    pipe("a cat", latents=_latents(), cache=CacheConfig("fbcache", threshold=0.1), **CALL)
+def test_threshold_change_does_not_recompile(dev_pipeline):
+    dev_pipeline("a cat", latents=_latents(), cache=CacheConfig("fbcache", threshold=0.1), **CALL)
     compiled = len(ms_compile_cache)
-    patterns = {pipe("a cat", latents=_latents(), cache=CacheConfig("fbcache", threshold=t), **CALL)
+    patterns = {dev_pipeline("a cat", latents=_latents(), cache=CacheConfig("fbcache", threshold=t), **CALL)
                 .cache_stats.pattern() for t in (0.0, 0.3, 0.9)}
     assert len(patterns) > 1  # the thresholds did act
     assert len(ms_compile_cache) == compiled
@@ -263,14 +252,14 @@ def test_fp16_cache_state_has_model_dtype(tiny_dev_checkpoint):
         assert all(p.dtype == ms.float16 for p in floats if p.ndim == 3)  # cached features: model dtype
 
 
-def test_cache_state_allocated_once_per_shape(pipe):
+def test_cache_state_allocated_once_per_shape(dev_pipeline):
     cache = CacheConfig("fbcache", threshold=0.35)
-    pipe("a cat", latents=_latents(), cache=cache, **CALL)
-    policy = pipe.cache_policy(cache, "cond", 1, 16, 16)[0]
-    pipe("a dog", latents=_latents(seed=9), cache=CacheConfig("fbcache", threshold=0.5), **CALL)
-    assert pipe.cache_policy(cache, "cond", 1, 16, 16)[0] is policy
+    dev_pipeline("a cat", latents=_latents(), cache=cache, **CALL)
+    policy = dev_pipeline.cache_policy(cache, "cond", 1, 16, 16)[0]
+    dev_pipeline("a dog", latents=_latents(seed=9), cache=CacheConfig("fbcache", threshold=0.5), **CALL)
+    assert dev_pipeline.cache_policy(cache, "cond", 1, 16, 16)[0] is policy
 
 
-def test_pipeline_rejects_non_config(pipe):
+def test_pipeline_rejects_non_config(dev_pipeline):
     with pytest.raises(TypeError, match="CacheConfig"):
-        pipe("a cat", cache="fbcache", **CALL)
+        dev_pipeline("a cat", cache="fbcache", **CALL)

@@ -15,16 +15,6 @@ from parity import rel_err
 PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall"]
 
 
-@pytest.fixture(scope="module")
-def torch_dev(tiny_dev_checkpoint):
-    return TorchFluxPipeline.from_pretrained(tiny_dev_checkpoint, torch_dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def ms_dev(tiny_dev_checkpoint):
-    return FluxPipeline.from_pretrained(tiny_dev_checkpoint, mode="graph")
-
-
 def _noise(batch, tokens, channels=64, seed=3):
     return np.random.default_rng(seed).standard_normal((batch, tokens, channels)).astype(np.float32)
 
@@ -34,13 +24,13 @@ def _torch_run(pipe, latents, **kw):
         return pipe(latents=torch.from_numpy(latents), output_type="latent", return_dict=False, **kw)[0].numpy()
 
 
-def test_dev_latents_match_diffusers(torch_dev, ms_dev):
+def test_dev_latents_match_diffusers(torch_dev_pipeline, dev_pipeline):
     # batch of 2 prompts x 2 images, non-square 64x96 image (4x6 tokens), guidance 4.0, 3 steps
     kw = dict(prompt=PROMPTS, height=64, width=96, num_inference_steps=3, guidance_scale=4.0,
               num_images_per_prompt=2, max_sequence_length=16)
     latents = _noise(4, 24)
-    expected = _torch_run(torch_dev, latents, **kw)
-    ours = ms_dev(latents=latents, output_type="latent", progress=False, **kw).images
+    expected = _torch_run(torch_dev_pipeline, latents, **kw)
+    ours = dev_pipeline(latents=latents, output_type="latent", progress=False, **kw).images
     assert np.abs(expected - latents).max() > 0.1  # the steps did move the latents
     assert rel_err(ours, expected) < 1e-4
 
@@ -54,69 +44,69 @@ def test_schnell_latents_match_diffusers(tiny_schnell_checkpoint):
     assert rel_err(ours, expected) < 1e-4
 
 
-def test_true_cfg_matches_diffusers(torch_dev, ms_dev):
+def test_true_cfg_matches_diffusers(torch_dev_pipeline, dev_pipeline):
     kw = dict(prompt=PROMPTS[0], negative_prompt="blurry", true_cfg_scale=3.0, height=64, width=64,
               num_inference_steps=2, max_sequence_length=16)
     latents = _noise(1, 16, seed=7)
-    expected = _torch_run(torch_dev, latents, **kw)
-    ours = ms_dev(latents=latents, output_type="latent", progress=False, **kw).images
-    without_cfg = ms_dev(latents=latents, output_type="latent", progress=False,
+    expected = _torch_run(torch_dev_pipeline, latents, **kw)
+    ours = dev_pipeline(latents=latents, output_type="latent", progress=False, **kw).images
+    without_cfg = dev_pipeline(latents=latents, output_type="latent", progress=False,
                          **{**kw, "true_cfg_scale": 1.0}).images
     assert rel_err(ours, expected) < 1e-4
     assert np.abs(ours - without_cfg).max() > 1e-3  # the negative branch really ran
 
 
-def test_decoded_images_match_diffusers(torch_dev, ms_dev):
+def test_decoded_images_match_diffusers(torch_dev_pipeline, dev_pipeline):
     kw = dict(prompt=PROMPTS[1], height=64, width=96, num_inference_steps=2, max_sequence_length=16)
     latents = _noise(1, 24, seed=11)
     with torch.no_grad():
-        expected = torch_dev(latents=torch.from_numpy(latents), output_type="np", **kw).images
+        expected = torch_dev_pipeline(latents=torch.from_numpy(latents), output_type="np", **kw).images
     expected = (expected * 255).round().astype(np.uint8)
-    ours = ms_dev(latents=latents, output_type="np", progress=False, **kw).images
+    ours = dev_pipeline(latents=latents, output_type="np", progress=False, **kw).images
     assert ours.shape == expected.shape == (1, 64, 96, 3)
     assert expected.std() > 5  # not a flat image
     assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1  # at most one rounding level
 
 
-def test_pil_output(ms_dev):
-    out = ms_dev("a cat", height=32, width=48, num_inference_steps=1, max_sequence_length=8, seed=0,
+def test_pil_output(dev_pipeline):
+    out = dev_pipeline("a cat", height=32, width=48, num_inference_steps=1, max_sequence_length=8, seed=0,
                  progress=False)
     assert len(out.images) == 1 and out.images[0].size == (48, 32)
     assert set(out.timings) >= {"encode", "denoise", "steps", "decode"} and len(out.timings["steps"]) == 1
 
 
-def test_graph_and_pynative_agree(tiny_dev_checkpoint, ms_dev):
+def test_graph_and_pynative_agree(tiny_dev_checkpoint, dev_pipeline):
     kw = dict(prompt=PROMPTS, height=64, width=64, num_inference_steps=2, max_sequence_length=16, seed=1,
               output_type="latent", progress=False)
-    graph = ms_dev(**kw).images
+    graph = dev_pipeline(**kw).images
     eager = FluxPipeline.from_pretrained(tiny_dev_checkpoint, mode="pynative")(**kw).images
     assert rel_err(graph, eager) < 1e-5
 
 
-def test_no_recompilation_across_steps_and_calls(ms_dev):
+def test_no_recompilation_across_steps_and_calls(dev_pipeline):
     kw = dict(prompt="a cat", height=48, width=48, num_inference_steps=3, max_sequence_length=8,
               output_type="latent", progress=False)
-    ms_dev(seed=0, **kw)  # compiles the graphs for this shape
+    dev_pipeline(seed=0, **kw)  # compiles the graphs for this shape
     compiled = len(ms_compile_cache)
-    ms_dev(seed=1, guidance_scale=5.0, **{**kw, "num_inference_steps": 4})
-    ms_dev(prompt="another prompt", **{k: v for k, v in kw.items() if k != "prompt"}, seed=2)
+    dev_pipeline(seed=1, guidance_scale=5.0, **{**kw, "num_inference_steps": 4})
+    dev_pipeline(prompt="another prompt", **{k: v for k, v in kw.items() if k != "prompt"}, seed=2)
     assert len(ms_compile_cache) == compiled
-    ms_dev(seed=0, **{**kw, "height": 64})  # a new shape compiles
+    dev_pipeline(seed=0, **{**kw, "height": 64})  # a new shape compiles
     assert len(ms_compile_cache) > compiled
 
 
-def test_seed_reproducible(ms_dev):
+def test_seed_reproducible(dev_pipeline):
     kw = dict(prompt="a cat", height=32, width=32, num_inference_steps=1, max_sequence_length=8,
               output_type="latent", progress=False)
-    a, b, c = ms_dev(seed=4, **kw).images, ms_dev(seed=4, **kw).images, ms_dev(seed=5, **kw).images
+    a, b, c = dev_pipeline(seed=4, **kw).images, dev_pipeline(seed=4, **kw).images, dev_pipeline(seed=5, **kw).images
     assert np.array_equal(a, b) and not np.allclose(a, c)
 
 
-def test_per_image_generators_independent_of_batch(ms_dev):
+def test_per_image_generators_independent_of_batch(dev_pipeline):
     kw = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=8, output_type="latent",
               progress=False)
-    pair = ms_dev(["a cat", "a dog"], generator=[np.random.default_rng(s) for s in (10, 11)], **kw).images
-    alone = ms_dev(["a dog"], generator=[np.random.default_rng(11)], **kw).images
+    pair = dev_pipeline(["a cat", "a dog"], generator=[np.random.default_rng(s) for s in (10, 11)], **kw).images
+    alone = dev_pipeline(["a dog"], generator=[np.random.default_rng(11)], **kw).images
     assert rel_err(pair[1:], alone) < 1e-5
 
 
@@ -138,15 +128,15 @@ def test_pack_unpack_roundtrip():
     (dict(prompt="x", max_sequence_length=600), "max_sequence_length"),
     (dict(prompt=["a", "b"], negative_prompt=["n1", "n2", "n3"], true_cfg_scale=2.0), "negative"),
 ])
-def test_call_errors(ms_dev, kwargs, match):
+def test_call_errors(dev_pipeline, kwargs, match):
     kw = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=8, output_type="latent",
               progress=False)
     kw.update(kwargs)
     if match is None:
-        assert ms_dev(**kw).images.shape == (1, 4, 64)
+        assert dev_pipeline(**kw).images.shape == (1, 4, 64)
     else:
         with pytest.raises(ValueError, match=match):
-            ms_dev(**kw)
+            dev_pipeline(**kw)
 
 
 def test_load_errors(tmp_path, tiny_dev_checkpoint):
@@ -167,8 +157,8 @@ def test_load_errors(tmp_path, tiny_dev_checkpoint):
         FluxPipeline.from_pretrained(tiny_dev_checkpoint, mode="eager")
 
 
-def test_fp16_pipeline_runs_close(tiny_dev_checkpoint, ms_dev):
+def test_fp16_pipeline_runs_close(tiny_dev_checkpoint, dev_pipeline):
     kw = dict(prompt="a cat", height=32, width=32, num_inference_steps=2, max_sequence_length=8, seed=3,
               output_type="latent", progress=False)
     half = FluxPipeline.from_pretrained(tiny_dev_checkpoint, dtype="float16", mode="pynative")(**kw).images
-    assert rel_err(half.astype(np.float32), ms_dev(**kw).images) < 2e-2
+    assert rel_err(half.astype(np.float32), dev_pipeline(**kw).images) < 2e-2
