@@ -10,6 +10,7 @@ on missing or unexpected tensors instead of silently keeping random weights.
 """
 import mindspore as ms
 from mindspore import nn
+from mindspore.nn.utils import no_init_parameters
 
 from models.checkpoint import CheckpointError, StateDict, load_weights, read_config
 from models.t5 import T5EncoderModel
@@ -73,7 +74,8 @@ def load_t5_encoder(folder, dtype="float32"):
     activations overflow fp16 there.
     """
     dtype = resolve_dtype(dtype)
-    model = T5EncoderModel(read_config(folder))
+    with no_init_parameters():  # the checkpoint fills every weight: skip random init of T5-XXL's 4.7B
+        model = T5EncoderModel(read_config(folder))
     state_dict = StateDict(folder)
     # transformers ties encoder.embed_tokens.weight to shared.weight and may save either one, or both
     rename, ignore = {}, ["decoder.", "lm_head."]  # a full T5 checkpoint also holds the unused decoder
