@@ -5,6 +5,7 @@ run can be compared with diffusers noise for noise by passing the same packed `l
 """
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -71,6 +72,18 @@ def _as_list(prompt, what):
     return prompts
 
 
+def _tokenize(tokenizer, prompts, max_length, name):
+    """Token ids padded to max_length, as diffusers does; says when a prompt loses its end."""
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="np").input_ids
+    lengths = [len(x) for x in tokenizer(prompts, truncation=False).input_ids]
+    cut = [p for p, n in zip(prompts, lengths) if n > max_length]
+    if cut:
+        warnings.warn(f"{len(cut)} prompt(s) longer than the {name} limit of {max_length} tokens were truncated, "
+                      f"e.g. {cut[0][:80]!r}", stacklevel=3)
+    return ids
+
+
 class FluxPipeline:
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, transformer, vae, scheduler,
                  dtype=ms.float32, mode="graph"):
@@ -123,10 +136,8 @@ class FluxPipeline:
 
     def encode_prompt(self, prompts, num_images_per_prompt, max_sequence_length):
         """-> (T5 token embeddings [B, L, D], pooled CLIP embedding [B, P]), B = len(prompts) * images."""
-        clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="np").input_ids
-        t5_ids = self.tokenizer_2(prompts, padding="max_length", max_length=max_sequence_length,
-                                  truncation=True, return_tensors="np").input_ids
+        clip_ids = _tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length, "CLIP")
+        t5_ids = _tokenize(self.tokenizer_2, prompts, max_sequence_length, "T5 (max_sequence_length)")
         pooled = self._clip(ms.Tensor(clip_ids.astype(np.int32)))
         embeds = self._t5(ms.Tensor(t5_ids.astype(np.int32)))
         repeat = np.repeat(np.arange(len(prompts)), num_images_per_prompt)  # image-major, as diffusers

@@ -45,3 +45,22 @@ def test_cli_errors(tiny_dev_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--help"])
     assert "--checkpoint" in capsys.readouterr().out
+
+
+def test_cache_flags_reach_the_pipeline(tiny_dev_checkpoint, tmp_path, capsys):
+    """mindone's example parsed --threshold and never passed it on: here it must change what runs."""
+    out = tmp_path / "cached"
+    generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt", "a cat", "--out", str(out),
+                   "--cache", "fbcache", "--threshold", "1.0"] + ARGS[:4] + ["--steps", "4"] + ARGS[6:])
+    printed = capsys.readouterr().out
+    assert "cache: fbcache (threshold 1)" in printed
+    assert "cond: C... " in printed  # threshold 1 reuses every step after the first
+    meta = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+    assert meta["cache"]["method"] == "fbcache" and meta["cache"]["threshold"] == 1.0
+
+
+@pytest.mark.parametrize("flags,match", [(["--cache", "fbcache", "--threshold", "2"], "threshold"),
+                                         (["--cache", "taylorseer", "--interval", "0"], "interval")])
+def test_bad_cache_flags(tiny_dev_checkpoint, tmp_path, flags, match):
+    with pytest.raises(SystemExit, match=match):
+        generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt", "x", "--out", str(tmp_path)] + flags)

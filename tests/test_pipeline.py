@@ -162,3 +162,15 @@ def test_fp16_pipeline_runs_close(tiny_dev_checkpoint, dev_pipeline):
               output_type="latent", progress=False)
     half = FluxPipeline.from_pretrained(tiny_dev_checkpoint, dtype="float16", mode="pynative")(**kw).images
     assert rel_err(half.astype(np.float32), dev_pipeline(**kw).images) < 2e-2
+
+
+def test_truncated_prompt_warns(dev_pipeline):
+    long_prompt = " ".join(["a very long prompt about a cat"] * 20)
+    kw = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=8, output_type="latent",
+              progress=False, seed=0)
+    with pytest.warns(UserWarning, match="truncated"):
+        dev_pipeline(long_prompt, **kw)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*truncated")
+        dev_pipeline("a cat", **kw)
