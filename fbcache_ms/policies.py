@@ -14,28 +14,23 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from fbcache_ms.config import CacheConfig
-from fbcache_ms.state import Feature, TaylorFeature
+from fbcache_ms.state import CacheState, Feature, TaylorFeature
 
 EPS = 1e-8
 
 
-class CachePolicy(nn.Cell):
+class CachePolicy(CacheState):
+    not_state = ("transformer",)  # shared, not copied: its weights are not state
+    blocks_on_reuse = 0  # transformer blocks a reused step runs
+
     def __init__(self, transformer):
         super().__init__()
-        self.transformer = transformer  # shared, not copied; its weights are not state
-
-    def reset(self):
-        """Zero every state Parameter in place; the transformer's weights are not state."""
-        for name, param in self.parameters_and_names():
-            if not name.startswith("transformer."):
-                ops.assign(param, ops.zeros_like(param))
+        self.transformer = transformer
 
     def blocks_run(self, computed):
         """Transformer blocks that ran at a step, from the step's `computed` flag."""
         cfg = self.transformer.config
         return cfg.num_layers + cfg.num_single_layers if computed else self.blocks_on_reuse
-
-    blocks_on_reuse = 0
 
 
 class FBCache(CachePolicy):

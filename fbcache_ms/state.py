@@ -9,11 +9,16 @@ def _buffer(shape, dtype, name):
 
 
 class CacheState(nn.Cell):
-    """Base of all state cells: `reset()` zeroes every Parameter in place (called from PyNative)."""
+    """Base of all state cells: `reset()` zeroes every Parameter in place (called from PyNative).
+
+    Parameters under a child named in `not_state` (e.g. the model a policy runs) are left alone."""
+
+    not_state = ()
 
     def reset(self):
-        for _, param in self.parameters_and_names():
-            ops.assign(param, ops.zeros_like(param))
+        for name, param in self.parameters_and_names():
+            if not name.startswith(tuple(f"{child}." for child in self.not_state)):
+                ops.assign(param, ops.zeros_like(param))
 
 
 class Feature(CacheState):
