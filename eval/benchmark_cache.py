@@ -18,12 +18,12 @@ cost, never image quality: the PSNR column says how far a setting strays, not ho
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import mindspore as ms
 import numpy as np
 
+from eval.make_tiny_checkpoint import checkpoint_or_flux_proportioned
 from fbcache_ms.config import CacheConfig
 
 
@@ -71,13 +71,7 @@ def timed(pipe, call, cache):
 
 def main(argv=None):
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            from eval.make_tiny_checkpoint import FLUX_PROPORTIONED, make_tiny_checkpoint
-            checkpoint = os.path.join(tmp, "flux-proportioned")
-            print("building the FLUX-proportioned random checkpoint ...", flush=True)
-            make_tiny_checkpoint(checkpoint, variant="dev", seed=0, **FLUX_PROPORTIONED)
+    with checkpoint_or_flux_proportioned(args.checkpoint, variant="dev") as checkpoint:
         benchmark(args, checkpoint)
 
 

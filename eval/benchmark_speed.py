@@ -13,11 +13,12 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 
 import mindspore as ms
 import numpy as np
+
+from eval.make_tiny_checkpoint import checkpoint_or_flux_proportioned
 
 
 def parse_args(argv=None):
@@ -37,14 +38,6 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--json", help="also write the results to this JSON file")
     return p.parse_args(argv)
-
-
-def build_checkpoint(args, folder):
-    from eval.make_tiny_checkpoint import FLUX_PROPORTIONED, make_tiny_checkpoint
-
-    make_tiny_checkpoint(folder, variant=args.variant, seed=0, **{
-        **FLUX_PROPORTIONED, "num_layers": args.num_layers, "num_single_layers": args.num_single_layers,
-        "num_attention_heads": args.heads})
 
 
 def time_mode(checkpoint, mode, args):
@@ -71,12 +64,9 @@ def time_mode(checkpoint, mode, args):
 def main(argv=None):
     args = parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            checkpoint = os.path.join(tmp, "flux-proportioned")
-            print("building the FLUX-proportioned random checkpoint ...", flush=True)
-            build_checkpoint(args, checkpoint)
+    with checkpoint_or_flux_proportioned(args.checkpoint, variant=args.variant, num_layers=args.num_layers,
+                                         num_single_layers=args.num_single_layers,
+                                         num_attention_heads=args.heads) as checkpoint:
         results = [time_mode(checkpoint, mode, args) for mode in modes]
     m = results[0]["model"]
     print(f"\nmodel: {m['double_blocks']} double + {m['single_blocks']} single blocks, {m['heads']} heads x "

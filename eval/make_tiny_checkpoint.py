@@ -22,6 +22,7 @@ joint_attention_dim = T5 d_model, pooled_projection_dim = CLIP hidden size,
 sum(axes_dims_rope) = attention_head_dim, T5 vocab_size >= len(T5 tokenizer).
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -296,6 +297,20 @@ def make_tiny_checkpoint(out_dir, variant="dev", seed=0, *, max_shard_size=None,
     if verbose:
         print(format_summary(summary))
     return summary
+
+
+@contextlib.contextmanager
+def checkpoint_or_flux_proportioned(checkpoint=None, **overrides):
+    """Yield `checkpoint` if given, else a FLUX-proportioned random checkpoint (FLUX_PROPORTIONED sizes,
+    seed 0, any size or `variant` overridden) built in a temporary folder removed afterwards."""
+    if checkpoint is not None:
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "flux-proportioned")
+        print("building the FLUX-proportioned random checkpoint ...", flush=True)
+        make_tiny_checkpoint(path, seed=0, **{**FLUX_PROPORTIONED, **overrides})
+        yield path
 
 
 def format_summary(summary):

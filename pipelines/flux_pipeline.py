@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import mindspore as ms
