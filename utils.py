@@ -1,7 +1,11 @@
 """Small helpers shared by models, pipelines and eval scripts: device and dtype handling, timing."""
+import os
 import time
 
 import mindspore as ms
+
+# The trained tiny FLUX.1 model committed with the project: the default model of the eval scripts.
+EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trained-tiny-flux-shapes")
 
 DTYPES = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16, "fp16": ms.float16,
           "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}

@@ -1,6 +1,7 @@
 """Generate images with FLUX.1 in MindSpore and print timings.
 
 Examples:
+  python -m eval.generate --prompt "a small red star in the top left corner" --out outputs/star   # embedded model
   python -m eval.generate --checkpoint /data/FLUX.1-dev --prompt "a photo of a cat" --out outputs/cat
   python -m eval.generate --checkpoint /data/FLUX.1-schnell --prompt-file prompts.txt --out outputs/run1
   python -m eval.generate --checkpoint /data/FLUX.1-dev --prompt-file prompts.txt --out outputs/fb08 \
@@ -21,6 +22,7 @@ import mindspore as ms
 import numpy as np
 
 from eval.cache_args import add_cache_arguments, cache_config_from_args
+from utils import EMBEDDED_MODEL
 
 
 def read_prompts(args):
@@ -37,19 +39,25 @@ def read_prompts(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="diffusers-format FLUX.1 folder (transformer/, vae/, ...)")
+    p.add_argument("--checkpoint", default=EMBEDDED_MODEL,
+                   help="diffusers-format FLUX.1 folder (transformer/, vae/, ...); default: the embedded trained "
+                        "shapes model, trained-tiny-flux-shapes/ (64x64, 28 steps)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat the flag for several")
     p.add_argument("--prompt-file", help="text file with one prompt per line")
     p.add_argument("--out", required=True, help="output folder for PNGs and metadata.jsonl")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k (default 0)")
-    p.add_argument("--height", type=int, default=1024, help="image height, a multiple of 16 (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="image width, a multiple of 16 (default 1024)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 28 for dev, 4 for schnell)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height, a multiple of 2 x the VAE's scale factor (default: the VAE's sample_size, "
+                        "1024 for FLUX.1)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: as --height)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default 28 on dev's shifted schedule, 4 for schnell)")
     p.add_argument("--guidance", type=float, default=3.5, help="distilled guidance scale, dev only (default 3.5)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt; used when --true-cfg-scale > 1")
     p.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG scale (default 1: off)")
     p.add_argument("--max-sequence-length", type=int, default=None,
-                   help="T5 tokens (default 512 for dev, 256 for schnell)")
+                   help="T5 tokens (default 512 for dev, 256 for schnell, at most the T5 tokenizer's "
+                        "model_max_length: 32 for the embedded model)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -105,8 +113,8 @@ def main(argv=None):
                 i, prompt = batch[j // n]
                 name = names[i][j % n]
                 image.save(os.path.join(args.out, name))
-                meta.write(json.dumps({"file": name, "prompt": prompt, "seed": seeds[j], "height": args.height,
-                                       "width": args.width, "steps": len(t["steps"]), "mode": args.mode,
+                meta.write(json.dumps({"file": name, "prompt": prompt, "seed": seeds[j], "height": image.height,
+                                       "width": image.width, "steps": len(t["steps"]), "mode": args.mode,
                                        "cache": cache.to_dict()}) + "\n")
                 meta.flush()
             calls += 1

@@ -138,15 +138,16 @@ def clip_tokenizer_dir():
     raise RuntimeError("comfylib has no hazard/sd1_tokenizer/vocab.json")
 
 
-def _write_t5_tokenizer(folder, vocab_size):
-    """Train a SentencePiece unigram model with T5's special ids, wrap it in T5TokenizerFast, save it."""
+def _write_t5_tokenizer(folder, vocab_size, corpus=None, model_max_length=512):
+    """Train a SentencePiece unigram model with T5's special ids on `corpus` (default: general English
+    captions), wrap it in T5TokenizerFast, save it."""
     import io
     import sentencepiece as spm
     from transformers import T5TokenizerFast
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_writer=model, model_type="unigram", vocab_size=vocab_size,
+        sentence_iterator=iter(corpus or _corpus()), model_writer=model, model_type="unigram", vocab_size=vocab_size,
         hard_vocab_limit=False, character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         num_threads=1, minloglevel=2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +156,7 @@ def _write_t5_tokenizer(folder, vocab_size):
             f.write(model.getvalue())
         # transformers 4.57 converts the slow model into tokenizer.json; it needs add_prefix_space=True.
         tokenizer = T5TokenizerFast(vocab_file=path, extra_ids=100, add_prefix_space=True, legacy=True,
-                                    model_max_length=512)
+                                    model_max_length=model_max_length)
         # save while vocab_file still exists, so spiece.model is written next to tokenizer.json
         tokenizer.save_pretrained(folder)
     return tokenizer
@@ -170,8 +171,8 @@ def _check_sizes(kw):
     if kw["clip_hidden_size"] % kw["clip_num_heads"]:
         raise ValueError("clip_hidden_size must be a multiple of clip_num_heads")
     groups = kw["vae_norm_num_groups"]
-    if len(kw["vae_block_out_channels"]) != 4:
-        raise ValueError("FLUX's VAE has 4 blocks (vae_scale_factor 8): give 4 vae_block_out_channels")
+    if not 1 <= len(kw["vae_block_out_channels"]) <= 4:
+        raise ValueError("give 1 to 4 vae_block_out_channels (FLUX's VAE has 4: vae_scale_factor 8)")
     if any(c % groups for c in kw["vae_block_out_channels"]):
         raise ValueError(f"every vae_block_out_channels entry must be divisible by vae_norm_num_groups={groups}")
     if heads < 1 or head_dim < 2:
@@ -183,7 +184,8 @@ def _n_params(module):
 
 
 def make_tiny_checkpoint(out_dir, variant="dev", seed=0, *, max_shard_size=None, dtype="float32",
-                         force=False, verbose=False, **sizes):
+                         force=False, verbose=False, guidance_embeds=None, t5_corpus=None, t5_model_max_length=512,
+                         **sizes):
     """Write a complete tiny FLUX.1 checkpoint folder with random weights and return a summary dict.
 
     out_dir: target folder; must be absent or empty unless force=True (then files are overwritten).
@@ -191,6 +193,11 @@ def make_tiny_checkpoint(out_dir, variant="dev", seed=0, *, max_shard_size=None,
     seed: torch seed; each component is built under its own fixed offset of it, so the same arguments
         always give the same weights, and the caller's global RNG state is left untouched.
     max_shard_size: e.g. "200KB": save the transformer in several safetensors shards with an index.
+    guidance_embeds: default True for dev (guidance-distilled), False for schnell; False with variant "dev"
+        gives a base model on dev's schedule, driven by true CFG instead of a distilled guidance input.
+    t5_corpus: sentences to train the T5 SentencePiece model on (default: general English captions).
+    t5_model_max_length: the T5 tokenizer's model_max_length (FLUX.1's: 512); the pipeline's default
+        max_sequence_length never exceeds it, so a model trained on shorter sequences says so here.
     dtype: "float32" (default), "float16" or "bfloat16" (the published checkpoints are bf16).
     sizes: any key of DEFAULTS (num_layers, num_single_layers, num_attention_heads, attention_head_dim,
         axes_dims_rope, clip_*, t5_*, vae_*, spm_vocab_size). For FLUX proportions use e.g.
@@ -235,7 +242,8 @@ def make_tiny_checkpoint(out_dir, variant="dev", seed=0, *, max_shard_size=None,
     clip_tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
     summary["components"]["tokenizer"] = {"class": "CLIPTokenizer", "len": len(clip_tok),
                                           "files": sorted(os.listdir(os.path.join(out_dir, "tokenizer")))}
-    t5_tok = _write_t5_tokenizer(os.path.join(out_dir, "tokenizer_2"), kw["spm_vocab_size"])
+    t5_tok = _write_t5_tokenizer(os.path.join(out_dir, "tokenizer_2"), kw["spm_vocab_size"], t5_corpus,
+                                 t5_model_max_length)
     summary["components"]["tokenizer_2"] = {"class": "T5TokenizerFast", "len": len(t5_tok),
                                             "files": sorted(os.listdir(os.path.join(out_dir, "tokenizer_2")))}
     t5_vocab = kw["t5_vocab_size"] or -(-len(t5_tok) // 128) * 128   # padded to 128 like T5's 32128
@@ -268,14 +276,16 @@ def make_tiny_checkpoint(out_dir, variant="dev", seed=0, *, max_shard_size=None,
             patch_size=1, in_channels=64, num_layers=kw["num_layers"], num_single_layers=kw["num_single_layers"],
             attention_head_dim=kw["attention_head_dim"], num_attention_heads=kw["num_attention_heads"],
             joint_attention_dim=kw["t5_d_model"], pooled_projection_dim=kw["clip_hidden_size"],
-            guidance_embeds=(variant == "dev"), axes_dims_rope=kw["axes_dims_rope"])
+            guidance_embeds=(variant == "dev") if guidance_embeds is None else bool(guidance_embeds),
+            axes_dims_rope=kw["axes_dims_rope"])
         save_model("transformer", transformer,
                    **({"max_shard_size": max_shard_size} if max_shard_size else {}))
 
         torch.manual_seed(seed + 4)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=16,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            down_block_types=("DownEncoderBlock2D",) * len(kw["vae_block_out_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(kw["vae_block_out_channels"]),
             block_out_channels=kw["vae_block_out_channels"], layers_per_block=kw["vae_layers_per_block"],
             norm_num_groups=kw["vae_norm_num_groups"], act_fn="silu", sample_size=1024,
             scaling_factor=0.3611, shift_factor=0.1159, force_upcast=True,
@@ -378,7 +388,8 @@ def build_parser():
                    help="target size of the locally trained SentencePiece model (soft limit)")
     g = p.add_argument_group("VAE")
     g.add_argument("--vae-block-out-channels", type=_int_tuple, default=d["vae_block_out_channels"],
-                   help="4 comma-separated ints (FLUX: 128,256,512,512)")
+                   help="1 to 4 comma-separated ints, one per block; the VAE downsamples by 2 between blocks "
+                        "(FLUX: 128,256,512,512)")
     g.add_argument("--vae-norm-num-groups", type=int, default=d["vae_norm_num_groups"], help="(FLUX: 32)")
     g.add_argument("--vae-layers-per-block", type=int, default=d["vae_layers_per_block"], help="(FLUX: 2)")
     return p

@@ -126,6 +126,22 @@ class FluxPipeline:
     def is_dev(self):
         return self.transformer.config.guidance_embeds
 
+    @property
+    def default_steps(self):
+        """28 on FLUX.1-dev's resolution-shifted schedule (dev, and base models trained on it), 4 for schnell's."""
+        return 28 if self.scheduler.config.use_dynamic_shifting else 4
+
+    @property
+    def default_size(self):
+        """The VAE's sample_size: 1024 for FLUX.1, the training resolution of a small model."""
+        sample = self.vae.config.get("sample_size", 1024)
+        return int(sample[0] if isinstance(sample, (list, tuple)) else sample)
+
+    @property
+    def default_sequence_length(self):
+        """512 tokens for dev, 256 for schnell, or less where the T5 tokenizer says its model was trained on less."""
+        return min(512 if self.is_dev else 256, int(self.tokenizer_2.model_max_length))
+
     def cache_policy(self, cache: CacheConfig, branch, batch, image_tokens, text_tokens):
         """The policy (and its compiled step) for one CFG branch and shape: built once, reset per call."""
         key = (branch, cache.method, cache.order, cache.variant, batch, image_tokens, text_tokens)
@@ -162,7 +178,7 @@ class FluxPipeline:
                  else generator.standard_normal((batch,) + shape, np.float32))
         return pack_latents(noise)
 
-    def __call__(self, prompt, height=1024, width=1024, num_inference_steps=None, guidance_scale=3.5,
+    def __call__(self, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=3.5,
                  seed=None, generator=None, num_images_per_prompt=1, negative_prompt=None, true_cfg_scale=1.0,
                  max_sequence_length=None, latents=None, output_type="pil", progress=True, cache=None):
         """Generate images.
@@ -171,6 +187,8 @@ class FluxPipeline:
         image. latents: packed initial noise [B, tokens, 4*C] (as diffusers takes it). True CFG runs when a
         negative_prompt is given and true_cfg_scale > 1. output_type: "pil", "np" (uint8 [B,H,W,3]) or "latent".
         cache: a CacheConfig (fbcache_ms.config); None or method "none" runs the uncached model.
+        Defaults: height and width `default_size`, steps `default_steps`, max_sequence_length
+        `default_sequence_length`.
         """
         cache = cache or CacheConfig()
         if not isinstance(cache, CacheConfig):
@@ -178,15 +196,17 @@ class FluxPipeline:
         prompts = _as_list(prompt, "prompt")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}: choose one of {OUTPUT_TYPES}")
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         multiple = 2 * self.vae_scale_factor
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
-        num_inference_steps = num_inference_steps or (28 if self.is_dev else 4)
+        num_inference_steps = num_inference_steps or self.default_steps
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be at least 1")
-        max_sequence_length = max_sequence_length or (512 if self.is_dev else 256)
+        max_sequence_length = max_sequence_length or self.default_sequence_length
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in 1..512, got {max_sequence_length}")
         do_true_cfg = negative_prompt is not None and true_cfg_scale > 1

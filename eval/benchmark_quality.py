@@ -1,0 +1,266 @@
+"""Quality and speed of each cache setting on the trained embedded model, over its held-out prompts.
+
+Every setting generates the same held-out prompts (eval/shapes_data.py) from the same noise (image k: seed
+base + k), in graph mode, and is scored on
+- prompt adherence: colour / shape / position / size / background read back by rules (eval/adherence.py),
+  per attribute and "all attributes right", one-object and two-object prompts apart;
+- fidelity to the uncached images of the same seeds: PSNR (over all pixels of all images) and mean SSIM
+  (torchmetrics);
+- speed: denoising seconds per image after compilation and its ratio to the uncached run (measured
+  speedup), next to the ideal speedup implied by the blocks that ran (1 / fraction of blocks run).
+
+Batches run round robin over the settings (batch 1 of every setting, then batch 2, ...), so a slow spell of
+the machine spreads over all settings. Each finished batch is saved (written under a temporary name, then
+renamed) and a rerun with the same arguments resumes from there. A cache decides once per batch from the
+whole batch (as the reference implementations do), so hit patterns depend on --batch-size.
+
+  python -m eval.benchmark_quality --out outputs/quality
+  python -m eval.benchmark_quality --out outputs/quality-cfg --settings none --true-cfg-scale 3
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from fbcache_ms.config import CacheConfig
+from utils import EMBEDDED_MODEL
+
+
+SETTINGS = {  # name -> CacheConfig; "none" (uncached) is the reference for fidelity and speed
+    "none": CacheConfig("none"),
+    "fbcache-0.08": CacheConfig("fbcache", threshold=0.08),
+    "fbcache-0.12": CacheConfig("fbcache", threshold=0.12),
+    "taylorseer-n5-o1": CacheConfig("taylorseer", order=1, interval=5, warmup=3, variant="per_module"),
+    "taylorseer-n5-o1-residual": CacheConfig("taylorseer", order=1, interval=5, warmup=3, variant="residual"),
+    "fbcache_taylorseer-0.08": CacheConfig("fbcache_taylorseer", threshold=0.08, order=1),
+    "fbcache_taylorseer-0.12": CacheConfig("fbcache_taylorseer", threshold=0.12, order=1),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m eval.benchmark_quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=EMBEDDED_MODEL, help="trained shapes model folder (default: the embedded one)")
+    p.add_argument("--out", required=True, help="folder for batches, results.json, results.md and samples.png")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated subset of: {', '.join(SETTINGS)} (default: all)")
+    p.add_argument("--one-object", type=int, default=500, help="held-out one-object prompts (default 500)")
+    p.add_argument("--two-object", type=int, default=200, help="held-out two-object prompts (default 200)")
+    p.add_argument("--batch-size", type=int, default=25, help="prompts per pipeline call (default 25)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    p.add_argument("--true-cfg-scale", type=float, default=1.0,
+                   help="true CFG with an empty negative prompt when > 1 (default 1: off)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
+    p.add_argument("--decoder", default="mindspore", choices=("mindspore", "torch"),
+                   help="VAE decoder for scoring: this project's MindSpore cell (default) or diffusers' "
+                        "AutoencoderKL on the same weights (they agree to one level; MindSpore's CPU conv2d is "
+                        "~15x slower than torch's, which dominates a CPU run of this tiny model)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        p.error(f"--settings: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+    if "none" not in names:
+        names = ["none"] + names  # the reference is always generated
+    args.names = list(dict.fromkeys(names))
+    for flag, value, low in (("--one-object", args.one_object, 0), ("--two-object", args.two_object, 0),
+                             ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1)):
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    if args.one_object > 500 or args.two_object > 200:
+        p.error("the held-out set has 500 one-object and 200 two-object prompts")
+    if args.one_object + args.two_object == 0:
+        p.error("no prompts: --one-object and --two-object are both 0")
+    if not (math.isfinite(args.true_cfg_scale) and args.true_cfg_scale >= 1):
+        p.error(f"--true-cfg-scale must be a finite number >= 1, got {args.true_cfg_scale}")
+    if not os.path.isdir(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
+    return args
+
+
+def _signature(args, name, prompts):
+    """What decides a batch's images: a rerun reuses a saved batch only when this is unchanged."""
+    key = json.dumps([os.path.abspath(args.checkpoint), SETTINGS[name].to_dict(), prompts, args.steps,
+                      args.true_cfg_scale, args.seed, args.batch_size, args.decoder], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _save_atomic(path, **arrays):
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def make_decoder(args, pipe):
+    """packed latents [B, tokens, channels] of 64x64 images -> uint8 [B, 64, 64, 3]."""
+    if args.decoder == "mindspore":
+        return lambda latents: pipe.decode_latents(latents, 64, 64)
+    import torch
+    from diffusers import AutoencoderKL
+    from models.vae import to_uint8_images
+    from pipelines.flux_pipeline import unpack_latents
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.checkpoint, "vae"), torch_dtype=torch.float32).eval()
+    grid = 2 * (64 // (2 * pipe.vae_scale_factor))
+
+    def decode(latents):
+        z = unpack_latents(np.asarray(latents, np.float32), grid, grid) / vae.config.scaling_factor
+        with torch.no_grad():
+            return to_uint8_images(vae.decode(torch.from_numpy(z + vae.config.shift_factor)).sample.numpy())
+    return decode
+
+
+def generate_all(args, scenes):
+    """Round-robin generation; returns {name: {"images", "denoise_s", "block_fraction", "patterns"}}."""
+    import mindspore as ms  # noqa: F401  (device chosen by MindSpore: CPU here, Ascend there)
+    from tqdm.auto import tqdm
+    from pipelines.flux_pipeline import FluxPipeline
+
+    os.makedirs(os.path.join(args.out, "batches"), exist_ok=True)
+    prompts = [s.caption for s in scenes]
+    starts = list(range(0, len(prompts), args.batch_size))
+    pipe, decode, compiled = None, None, set()
+    results = {n: {"images": [], "denoise_s": [], "block_fraction": [], "patterns": []} for n in args.names}
+    cfg = dict(negative_prompt="" if args.true_cfg_scale > 1 else None, true_cfg_scale=args.true_cfg_scale)
+    bar = tqdm(total=len(starts) * len(args.names), desc="generating", unit="batch")
+    for b, start in enumerate(starts):
+        batch = prompts[start:start + args.batch_size]
+        for name in args.names:
+            path = os.path.join(args.out, "batches", f"{name}_{b:04d}.npz")
+            sig = _signature(args, name, batch)
+            if os.path.isfile(path):
+                saved = np.load(path)
+                if str(saved["signature"]) == sig:
+                    for k in results[name]:
+                        results[name][k].append(saved[k] if k == "images" else saved[k].tolist())
+                    bar.update()
+                    continue
+            if pipe is None:
+                pipe = FluxPipeline.from_pretrained(args.checkpoint, mode="graph")
+                decode = make_decoder(args, pipe)
+            cache = SETTINGS[name]
+            call = dict(height=64, width=64, max_sequence_length=32, progress=False, cache=cache, **cfg)
+            if (name, len(batch)) not in compiled:  # compile outside the timed run
+                pipe(batch, num_inference_steps=2, seed=0, output_type="latent", **call)
+                compiled.add((name, len(batch)))
+            gens = [np.random.default_rng(args.seed + start + i) for i in range(len(batch))]
+            out = pipe(batch, num_inference_steps=args.steps, generator=gens, output_type="latent", **call)
+            stats = out.cache_stats
+            record = dict(images=decode(out.images), denoise_s=[out.timings["denoise"]],
+                          block_fraction=[stats.block_fraction() if stats else 1.0],
+                          patterns=[stats.pattern() if stats else "C" * args.steps])
+            _save_atomic(path, signature=np.array(sig), **{k: np.asarray(v) for k, v in record.items()})
+            for k, v in record.items():
+                results[name][k].append(v)
+            bar.update()
+    bar.close()
+    for r in results.values():
+        r["images"] = np.concatenate(r["images"])
+        r["denoise_s"] = [x for xs in r["denoise_s"] for x in xs]
+        r["block_fraction"] = [x for xs in r["block_fraction"] for x in xs]
+        r["patterns"] = [x for xs in r["patterns"] for x in xs]
+    return results
+
+
+def fidelity(images, reference):
+    """(PSNR over all pixels of all images in dB, mean SSIM) of uint8 [N, H, W, 3] against the reference."""
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    a = torch.from_numpy(images).permute(0, 3, 1, 2).double()
+    b = torch.from_numpy(reference).permute(0, 3, 1, 2).double()
+    if torch.equal(a, b):
+        return float("inf"), 1.0
+    return (float(peak_signal_noise_ratio(a, b, data_range=255.0)),
+            float(structural_similarity_index_measure(a, b, data_range=255.0)))
+
+
+def score(args, scenes, results):
+    from eval.adherence import summarize
+
+    ref = results["none"]
+    n = len(scenes)
+    rows = []
+    for name in args.names:
+        r = results[name]
+        psnr, ssim = fidelity(r["images"], ref["images"])
+        per_image = sum(r["denoise_s"]) / n
+        patterns = r["patterns"]
+        rows.append(dict(
+            setting=name, cache=SETTINGS[name].describe(), config=SETTINGS[name].to_dict(),
+            denoise_s_per_image=per_image, speedup=(sum(ref["denoise_s"]) / n) / per_image,
+            ideal_speedup=1 / float(np.mean(r["block_fraction"])),
+            steps_computed=float(np.mean([p.count("C") for p in patterns])),
+            common_pattern=max(set(patterns), key=patterns.count), psnr=psnr, ssim=ssim,
+            adherence=summarize(scenes, r["images"])))
+    return rows
+
+
+def _pct(summary, group, attr):
+    s = summary.get(group, {})
+    return f"{100 * s[attr]:.1f}" if attr in s else "-"
+
+
+def markdown(args, rows):
+    n_one, n_two = args.one_object, args.two_object
+    lines = [f"{n_one} one-object + {n_two} two-object held-out prompts, {args.steps} steps, 64x64, batch "
+             f"{args.batch_size}, true CFG {args.true_cfg_scale:g}, graph mode, fp32, {args.decoder} VAE decoder. Adherence in %: one-object "
+             "all / colour / shape / position / size, two-object all.", "",
+             "| setting | s/image (denoise) | measured speedup | ideal speedup | steps computed | one-object all | "
+             "colour | shape | position | size | two-object all | PSNR dB | SSIM | usual pattern |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["adherence"]
+        lines.append(
+            f"| {r['setting']} | {r['denoise_s_per_image']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+            f"{r['steps_computed']:.1f} | {_pct(a, 'one object', 'all')} | {_pct(a, 'one object', 'colour')} | "
+            f"{_pct(a, 'one object', 'shape')} | {_pct(a, 'one object', 'position')} | {_pct(a, 'one object', 'size')} | "
+            f"{_pct(a, 'two objects', 'all')} | {r['psnr']:.1f} | {r['ssim']:.4f} | `{r['common_pattern']}` |")
+    return "\n".join(lines)
+
+
+def sample_grid(args, scenes, results, path, columns=10):
+    """One row of images per setting, the same prompts in every row."""
+    from PIL import Image, ImageDraw
+
+    pick = list(range(min(columns // 2, args.one_object))) + \
+        list(range(args.one_object, args.one_object + min(columns // 2, args.two_object)))
+    cell, label = 96, 190
+    grid = Image.new("RGB", (label + cell * len(pick), cell * len(args.names)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, name in enumerate(args.names):
+        draw.text((6, row * cell + cell // 2 - 6), name, fill="black")
+        for col, k in enumerate(pick):
+            im = Image.fromarray(results[name]["images"][k]).resize((cell - 4, cell - 4), Image.NEAREST)
+            grid.paste(im, (label + col * cell + 2, row * cell + 2))
+    grid.save(path)
+    with open(os.path.splitext(path)[0] + "_prompts.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(f"column {c + 1}: {scenes[k].caption}" for c, k in enumerate(pick)) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from eval.shapes_data import heldout_prompts
+
+    scenes = heldout_prompts(args.one_object, args.two_object)
+    start = time.perf_counter()
+    results = generate_all(args, scenes)
+    rows = score(args, scenes, results)
+    table = markdown(args, rows)
+    print(table)
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(args={k: v for k, v in vars(args).items()}, rows=rows), f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    sample_grid(args, scenes, results, os.path.join(args.out, "samples.png"))
+    print(f"\nwrote {args.out}/results.json, results.md, samples.png in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Train the embedded tiny FLUX.1 model on the procedural shapes data (eval/shapes_data.py).
+
+One command writes a complete diffusers-format FLUX.1 folder:
+  tokenizer/, tokenizer_2/   the offline CLIP-L tokenizer; a T5 SentencePiece model trained on the captions
+  text_encoder/, _2/         small CLIP and T5 encoders, random and frozen (their features are the condition)
+  vae/                       AutoencoderKL (16 latent channels like FLUX's, no quant convs) trained on the
+                             images; scaling_factor / shift_factor from the latent statistics as FLUX's
+  transformer/               FluxTransformer2DModel trained with rectified flow on FLUX's shifted schedule,
+                             with caption dropout (so true CFG with an empty negative prompt helps); the
+                             EMA of its weights is saved, in float16 to keep the folder small
+  scheduler/                 FLUX.1-dev's FlowMatchEulerDiscreteScheduler (dynamic shifting)
+plus training_log.json (settings, losses, timings) and training_loss.png.
+
+Trained in PyTorch (diffusers' and transformers' own modules, so the folder is diffusers' format by
+construction). MindSpore graph mode on this project's cells was measured 5x slower per training step on
+this 2-core CPU (see the README), which would not fit the hour this run is allowed.
+
+Reproducible from --seed: the data stream, the initial weights and the caption dropout all derive from it.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from eval.shapes_data import IMAGE_SIZE, tokenizer_corpus, training_batch
+
+# The embedded model's sizes: deep and narrow (16 blocks, FLUX's 1:2 double:single ratio), 64 image tokens.
+MODEL_SIZES = dict(
+    num_layers=5, num_single_layers=11, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+    clip_hidden_size=32, clip_intermediate_size=64, clip_num_layers=2, clip_num_heads=2,
+    t5_d_model=64, t5_d_ff=128, t5_d_kv=32, t5_num_layers=2, t5_num_heads=2,
+    vae_block_out_channels=(16, 32, 64), vae_norm_num_groups=8, vae_layers_per_block=1,  # 64x64 -> 16x16x16
+    spm_vocab_size=200,
+)
+MAX_SEQUENCE_LENGTH = 32  # T5 tokens; the longest caption has about 25
+CAPTION_DROPOUT = 0.1
+OBJECT_WEIGHT = 10.0
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def _images_to_tensor(torch, images):
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _lr(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def object_weights(torch, x):
+    """Per-pixel loss weights [B, 1, H, W]: OBJECT_WEIGHT on object pixels (saturated), 1 on the background.
+    Objects cover ~2-10% of an image; unweighted, the autoencoder learns the background and blurs their colour."""
+    chroma = x.max(1, keepdim=True).values - x.min(1, keepdim=True).values  # x in [-1, 1]: 2 = full range
+    return 1.0 + OBJECT_WEIGHT * (chroma > 0.6).float()
+
+
+def train_vae(torch, vae, args, stream, history):
+    """Object-weighted L1 reconstruction + a small KL term, like a latent-diffusion autoencoder without the GAN."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(args.vae_steps), desc="VAE", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.vae_steps, args.vae_lr, 50)
+        images, _ = training_batch(stream.take(args.vae_batch), args.vae_batch)
+        x = _images_to_tensor(torch, images)
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.mode()).sample
+        rec = ((recon - x).abs() * object_weights(torch, x)).mean()
+        kl = post.kl().mean() / x[0].numel()
+        loss = rec + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append({"step": step, "l1": rec.item(), "kl_per_pixel": kl.item()})
+        bar.set_postfix(l1=f"{history[-1]['l1']:.4f}", refresh=False)
+    vae.eval()
+
+
+class Stream:
+    """Consecutive indices of the endless training stream, offset by the seed."""
+
+    def __init__(self, seed):
+        self.next = seed * 10_000_000
+
+    def take(self, n):
+        first = self.next
+        self.next += n
+        return first
+
+
+def reconstruction_adherence(torch, vae, n_one=200, n_two=50):
+    """The adherence reader on VAE reconstructions of held-out scenes: the ceiling any generated image can reach."""
+    from eval.adherence import summarize
+    from eval.shapes_data import heldout_prompts, render
+
+    scenes = heldout_prompts(n_one, n_two)
+    with torch.no_grad():
+        x = _images_to_tensor(torch, np.stack([render(s) for s in scenes]))
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return summarize(scenes, images)
+
+
+def latent_statistics(torch, vae, stream, n=2048):
+    """shift = mean, scale = 1 / std of the latents (posterior means), as FLUX's were derived."""
+    chunks = []
+    with torch.no_grad():
+        for _ in range(n // 256):
+            images, _ = training_batch(stream.take(256), 256)
+            chunks.append(vae.encode(_images_to_tensor(torch, images)).latent_dist.mean)
+    z = torch.cat(chunks)
+    return float(z.mean()), float(1.0 / z.std())
+
+
+def pack(latents):
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+
+class TextEncoder:
+    """The frozen CLIP (pooled) and T5 (per token) features of captions, as FluxPipeline encodes them."""
+
+    def __init__(self, torch, folder):
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        self.torch = torch
+        self.clip_tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+        self.t5_tok = T5TokenizerFast.from_pretrained(os.path.join(folder, "tokenizer_2"))
+        self.clip = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).float().eval()
+        self.t5 = T5EncoderModel.from_pretrained(os.path.join(folder, "text_encoder_2")).float().eval()
+
+    def __call__(self, captions):
+        torch = self.torch
+        with torch.no_grad():
+            ids = self.clip_tok(captions, padding="max_length", max_length=77, truncation=True,
+                                return_tensors="pt").input_ids
+            pooled = self.clip(ids, output_hidden_states=False).pooler_output
+            ids = self.t5_tok(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                              return_tensors="pt").input_ids
+            embeds = self.t5(ids, output_hidden_states=False)[0]
+        return embeds, pooled
+
+
+def train_transformer(torch, model, vae, text, args, stream, history, gen):
+    """Rectified flow: x_s = (1 - s) x0 + s noise, target noise - x0, s from FLUX's shifted schedule."""
+    from tqdm.auto import tqdm
+    from pipelines.scheduling import calculate_shift
+
+    latent_grid = IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
+    tokens = (latent_grid // 2) ** 2
+    mu = calculate_shift(tokens)  # the shift the sampler will use at this image size
+    img_ids = torch.zeros(latent_grid // 2, latent_grid // 2, 3)
+    img_ids[..., 1] = torch.arange(latent_grid // 2)[:, None]
+    img_ids[..., 2] = torch.arange(latent_grid // 2)[None, :]
+    img_ids = img_ids.reshape(-1, 3)
+    txt_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    model.train()
+    bar = tqdm(range(args.steps), desc="transformer", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.steps, args.lr, 100)
+        images, captions = training_batch(stream.take(args.batch), args.batch)
+        drop = torch.rand(len(captions), generator=gen) < CAPTION_DROPOUT
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            x0 = pack((vae.encode(_images_to_tensor(torch, images)).latent_dist.mean - shift) * scale)
+        embeds, pooled = text(captions)
+        u = torch.sigmoid(torch.randn(len(captions), generator=gen))  # logit-normal, as SD3 / FLUX train
+        sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))  # FLUX's time shift at this resolution
+        noise = torch.randn(x0.shape, generator=gen)
+        xs = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        pred = model(hidden_states=xs, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigma,
+                     img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+        loss = ((pred - (noise - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        history.append({"step": step, "loss": loss.item()})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
+    model.load_state_dict(ema)
+    model.eval()
+
+
+def plot_losses(log_data, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, hist, title in ((axes[0], "l1", log_data["vae_history"], "VAE reconstruction (object-weighted L1)"),
+                                 (axes[1], "loss", log_data["transformer_history"], "transformer flow loss (MSE)")):
+        y = np.asarray([h[key] for h in hist])
+        if len(y) == 0:
+            continue
+        k = max(1, len(y) // 50)
+        ax.plot(y, color="0.75", lw=0.8, label="per step")
+        if len(y) >= k:
+            ax.plot(np.arange(k - 1, len(y)), np.convolve(y, np.ones(k) / k, "valid"), color="C0", label=f"mean of {k}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m eval.train_shapes_model",
+        description="Train the embedded tiny FLUX.1 model (VAE and transformer) on the procedural shapes "
+                    "data and write it as a diffusers-format folder. Defaults are the committed model's run "
+                    "(about 55 minutes on 2 CPU cores).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data stream and the noise")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--vae-steps", type=int, default=6000, help="VAE optimizer steps")
+    p.add_argument("--vae-batch", type=int, default=8, help="images per VAE step")
+    p.add_argument("--vae-lr", type=float, default=2e-3, help="VAE peak learning rate")
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-pixel KL term")
+    p.add_argument("--steps", type=int, default=2300, help="transformer optimizer steps")
+    p.add_argument("--batch", type=int, default=48, help="images per transformer step")
+    p.add_argument("--lr", type=float, default=8e-4, help="transformer peak learning rate (warm-up, cosine)")
+    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved transformer weights")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--tiny", action="store_true", help="a much smaller model (tests)")
+    return p
+
+
+def check_args(args):
+    for name in ("vae_steps", "vae_batch", "steps", "batch", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("vae_lr", "lr", "kl_weight"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if not 0 <= args.ema < 1:
+        raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"{args.out_dir!r} exists and is not a folder")
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) and not args.force:
+        raise ValueError(f"{args.out_dir!r} is not empty: pass --force to replace it")
+
+
+TINY_SIZES = dict(MODEL_SIZES, num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                  axes_dims_rope=(4, 6, 6), vae_block_out_channels=(8, 8, 16))
+
+
+def train(args):
+    """Write the trained folder to args.out_dir (built in a temporary folder, then moved into place)."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from eval.make_tiny_checkpoint import make_tiny_checkpoint
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    sizes = TINY_SIZES if args.tiny else MODEL_SIZES
+    parent = os.path.dirname(os.path.abspath(args.out_dir))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".training-", dir=parent)
+    start = time.perf_counter()
+    try:
+        # float16 storage keeps the folder small; the models are trained in float32 from the stored values
+        make_tiny_checkpoint(work, variant="dev", seed=args.seed, force=True, guidance_embeds=False, dtype="float16",
+                             t5_corpus=tokenizer_corpus(), t5_model_max_length=MAX_SEQUENCE_LENGTH, **sizes)
+        stream = Stream(args.seed)
+        record = {"settings": {k: v for k, v in vars(args).items() if k != "out_dir"}, "sizes": sizes,
+                  "trainer": f"torch {torch.__version__}, {args.threads} threads", "vae_history": [],
+                  "transformer_history": []}
+
+        vae = AutoencoderKL.from_pretrained(os.path.join(work, "vae")).float()
+        t0 = time.perf_counter()
+        train_vae(torch, vae, args, stream, record["vae_history"])
+        shift, scale = latent_statistics(torch, vae, stream)
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale, sample_size=IMAGE_SIZE)
+        vae.save_pretrained(os.path.join(work, "vae"), safe_serialization=True)  # float32: small, and exact
+        record["vae_seconds"] = time.perf_counter() - t0
+        record["latent_shift_factor"], record["latent_scaling_factor"] = shift, scale
+        record["vae_reconstruction_adherence"] = reconstruction_adherence(torch, vae)
+        log(f"VAE: {record['vae_seconds']:.0f} s, final weighted L1 {record['vae_history'][-1]['l1']:.4f}, "
+            f"shift_factor {shift:.4f}, scaling_factor {scale:.4f}; adherence of its reconstructions: "
+            f"{json.dumps(record['vae_reconstruction_adherence'])}")
+
+        text = TextEncoder(torch, work)
+        model = FluxTransformer2DModel.from_pretrained(os.path.join(work, "transformer")).float()
+        t0 = time.perf_counter()
+        train_transformer(torch, model, vae, text, args, stream, record["transformer_history"], gen)
+        record["transformer_seconds"] = time.perf_counter() - t0
+        model.to(torch.float16).save_pretrained(os.path.join(work, "transformer"), safe_serialization=True)
+        last = record["transformer_history"][-100:]
+        log(f"transformer: {record['transformer_seconds']:.0f} s, mean loss of the last {len(last)} steps "
+            f"{np.mean([h['loss'] for h in last]):.4f}")
+
+        record["total_seconds"] = time.perf_counter() - start
+        with open(os.path.join(work, "training_log.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        plot_losses(record, os.path.join(work, "training_loss.png"))
+        if os.path.isdir(args.out_dir):
+            shutil.rmtree(args.out_dir)
+        os.replace(work, args.out_dir)
+    finally:
+        if os.path.isdir(work):
+            shutil.rmtree(work)
+    log(f"wrote {args.out_dir} in {time.perf_counter() - start:.0f} s")
+    return record
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The embedded trained model: its data, the adherence reader, the training script and the committed folder."""
+import json
+import os
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+
+from eval import adherence
+from eval.shapes_data import (COLOURS, SHAPES, Scene, heldout_prompts, heldout_triples, is_heldout, render,
+                              training_batch, training_sample)
+from parity import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "trained-tiny-flux-shapes")
+
+
+# ---------------------------------------------------------------- data
+
+def test_training_stream_is_deterministic_and_never_draws_a_heldout_triple():
+    assert training_sample(123) == training_sample(123)
+    assert training_sample(123) != training_sample(124)
+    images, captions = training_batch(40, 8)
+    again, _ = training_batch(40, 8)
+    assert np.array_equal(images, again) and images.shape == (8, 64, 64, 3) and images.dtype == np.uint8
+    scenes = [training_sample(i) for i in range(3000)]
+    assert not any(is_heldout(o.colour, o.shape, o.row, o.col) for s in scenes for o in s.objects)
+    # the stream covers every shape and colour, and mixes one- and two-object scenes
+    assert {o.shape for s in scenes for o in s.objects} == set(SHAPES)
+    assert {o.colour for s in scenes for o in s.objects} == set(COLOURS)
+    assert 0.2 < np.mean([len(s.objects) == 2 for s in scenes]) < 0.4
+
+
+def test_heldout_set_asks_for_unseen_triples():
+    scenes = heldout_prompts()
+    assert len(scenes) == 700 and len(heldout_triples()) > 20
+    assert all(is_heldout(s.objects[0].colour, s.objects[0].shape, s.objects[0].row, s.objects[0].col)
+               for s in scenes)
+    assert heldout_prompts(n_one=10, n_two=5) == scenes[:10] + scenes[500:505]  # a smaller set is a prefix
+    assert len({s.caption for s in scenes}) > 600  # varied wording, not one template
+
+
+# ---------------------------------------------------------------- adherence reader
+
+def test_reader_is_exact_on_generator_images():
+    scenes = heldout_prompts(n_one=300, n_two=100) + [training_sample(i) for i in range(300)]
+    summary = adherence.summarize(scenes, [render(s) for s in scenes])
+    for group in ("one object", "two objects"):
+        for attr, value in summary[group].items():
+            if attr != "n":
+                assert value == 1.0, (group, attr, value)
+
+
+def test_reader_blames_what_is_wrong():
+    scene = heldout_prompts(n_one=1, n_two=0)[0]
+    obj = scene.objects[0]
+    image = render(scene)
+    other_colour = next(c for c in COLOURS if c != obj.colour)
+    other_shape = next(s for s in SHAPES if s != obj.shape)
+    wrong = Scene((obj.__class__(other_shape, other_colour, 2 - obj.row if obj.row != 1 else 0, obj.col,
+                                 "large" if obj.size == "small" else "small"),), scene.background,
+                  mentions_background=False)
+    result = adherence.score(wrong, image)
+    assert result == {"colour": False, "shape": False, "position": False, "size": False, "all": False}
+    blank = np.full((64, 64, 3), 245, np.uint8)
+    assert adherence.score(scene, blank)["all"] is False
+
+
+def test_reader_refuses_other_sizes():
+    with pytest.raises(ValueError, match="64x64"):
+        adherence.read_image(np.zeros((32, 32, 3), np.uint8))
+
+
+# ---------------------------------------------------------------- training script
+
+def _train_args(out, **kw):
+    from eval.train_shapes_model import build_parser
+    return build_parser().parse_args([str(out), "--tiny", "--vae-steps", "40", "--vae-batch", "8", "--steps", "60",
+                                      "--batch", "8", "--lr", "3e-3",
+                                      *sum(([f"--{k}", str(v)] for k, v in kw.items()), [])])
+
+
+def test_a_few_training_steps_lower_both_losses(tmp_path):
+    from eval.train_shapes_model import train
+
+    record = train(_train_args(tmp_path / "model"))
+    vae = [h["l1"] for h in record["vae_history"]]
+    flow = [h["loss"] for h in record["transformer_history"]]
+    assert np.mean(vae[-8:]) < 0.8 * np.mean(vae[:8])
+    assert np.mean(flow[-8:]) < 0.9 * np.mean(flow[:8])
+    folder = tmp_path / "model"
+    assert sorted(os.listdir(folder)) == sorted(["model_index.json", "scheduler", "text_encoder", "text_encoder_2",
+                                                 "tokenizer", "tokenizer_2", "transformer", "vae",
+                                                 "training_log.json", "training_loss.png"])
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    assert vae_cfg["latent_channels"] == 16 and vae_cfg["shift_factor"] == pytest.approx(record["latent_shift_factor"])
+    assert not any(name.startswith(".training-") for name in os.listdir(tmp_path))  # the work folder is gone
+
+
+def test_training_arguments_are_checked(tmp_path):
+    from eval.train_shapes_model import main
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main([str(tmp_path / "full"), "--tiny"]) == 2  # not empty, no --force
+    assert main([str(tmp_path / "new"), "--steps", "0"]) == 2
+    assert main([str(tmp_path / "new"), "--lr", "nan"]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------- the committed model
+
+def test_committed_model_is_small_and_complete():
+    files = [os.path.join(d, f) for d, _, fs in os.walk(MODEL) for f in fs]
+    assert sum(os.path.getsize(f) for f in files) < 25 * 2 ** 20
+    cfg = json.loads(open(os.path.join(MODEL, "transformer", "config.json")).read())
+    assert cfg["num_layers"] + cfg["num_single_layers"] >= 16
+    vae = json.loads(open(os.path.join(MODEL, "vae", "config.json")).read())
+    assert vae["latent_channels"] == 16 and 64 // 2 ** (len(vae["block_out_channels"]) - 1) // 2 >= 8  # >= 8x8 tokens
+
+
+@pytest.fixture(scope="module")
+def trained_pipelines():
+    from diffusers import FluxPipeline as TorchFluxPipeline
+    from pipelines.flux_pipeline import FluxPipeline
+
+    return (FluxPipeline.from_pretrained(MODEL, mode="graph"),
+            TorchFluxPipeline.from_pretrained(MODEL, torch_dtype=torch.float32))
+
+
+def test_committed_model_matches_diffusers(trained_pipelines):
+    ours, ref = trained_pipelines
+    prompts = [s.caption for s in heldout_prompts(n_one=2, n_two=1)[:2]] + [heldout_prompts()[500].caption]
+    kw = dict(prompt=prompts, height=64, width=64, num_inference_steps=6, max_sequence_length=32,
+              negative_prompt="", true_cfg_scale=2.0)
+    latents = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(latents=torch.from_numpy(latents), output_type="latent", return_dict=False, **kw)[0].numpy()
+        expected_images = ref(latents=torch.from_numpy(latents), output_type="np", **kw).images
+    got = ours(latents=latents, output_type="latent", progress=False, **kw).images
+    assert rel_err(got, expected) < 1e-4
+    images = ours(latents=latents, output_type="np", progress=False, **kw).images
+    assert np.abs(images.astype(int) - (expected_images * 255).round().astype(int)).max() <= 1
+
+
+def test_committed_model_draws_its_prompts_colours(trained_pipelines):
+    # A regression guard at the committed model's measured level (colour ~84% on held-out prompts; shape and
+    # position are far lower: README, "The embedded model"), not the issue's target.
+    ours, _ = trained_pipelines
+    scenes = heldout_prompts(n_one=8, n_two=0)
+    out = ours([s.caption for s in scenes], height=64, width=64, num_inference_steps=28, max_sequence_length=32,
+               generator=[np.random.default_rng(i) for i in range(len(scenes))], output_type="np", progress=False)
+    right = [adherence.score(s, im)["colour"] for s, im in zip(scenes, out.images)]
+    assert sum(right) >= 5, right
