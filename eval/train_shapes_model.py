@@ -232,7 +232,7 @@ def build_parser():
         prog="python -m eval.train_shapes_model",
         description="Train the embedded tiny FLUX.1 model (VAE and transformer) on the procedural shapes "
                     "data and write it as a diffusers-format folder. Defaults are the committed model's run "
-                    "(about 55 minutes on 2 CPU cores).",
+                    "(the committed run: 72 minutes on 2 CPU cores, part of it on a shared machine).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data stream and the noise")
