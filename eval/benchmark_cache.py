@@ -38,11 +38,43 @@ def parse_args(argv=None):
     p.add_argument("--interval", default="5,3", help="two TaylorSeer intervals (default 5,3)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting, round robin (default 2)")
     p.add_argument("--ab-rounds", type=int, default=5,
-                   help="alternating uncached / fbcache(0) runs for the no-hit overhead (default 5)")
+                   help="alternating uncached / no-hit cache runs for the bookkeeping overhead (default 5)")
     p.add_argument("--ab-steps", type=int, default=6, help="steps of each overhead run (default 6)")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="measure only each method's no-hit overhead (alternating runs), not the settings table")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--json", help="also write the results to this JSON file")
     return p.parse_args(argv)
+
+
+# each method's bookkeeping with nothing reused: FBCache and TeaCache at threshold 0 (FLUX's TeaCache
+# polynomial is >= 0.18 everywhere, so its sum never stays below 0), MagCache with every step retained
+NO_HIT = {"fbcache(0)": CacheConfig("fbcache", threshold=0.0), "teacache(0)": CacheConfig("teacache", threshold=0.0),
+          "magcache(retain all)": CacheConfig("magcache", retention=1.0)}
+
+
+def no_hit_overhead(pipe, call, rounds, steps):
+    """Alternating short runs, uncached and each NO_HIT setting: -> (step times, median-step overhead)."""
+    short = {**call, "num_inference_steps": steps, "output_type": "latent"}
+    for cache in NO_HIT.values():
+        pipe(**short, cache=cache)  # compile first
+    ab = {"none": [], **{name: [] for name in NO_HIT}}
+    for _ in range(rounds):
+        ab["none"] += pipe(**short).timings["steps"]
+        for name, cache in NO_HIT.items():
+            out = pipe(**short, cache=cache)
+            if out.cache_stats.hits():
+                raise RuntimeError(f"{name} reused a step: it cannot measure the no-hit overhead")
+            ab[name] += out.timings["steps"]
+    base = np.median(ab["none"])
+    return ab, {name: float(np.median(ab[name]) / base - 1) for name in NO_HIT}
+
+
+def print_overheads(ab, overheads, args):
+    print(f"\nbookkeeping when nothing is reused ({args.ab_rounds} alternating rounds of {args.ab_steps} steps): "
+          f"median step {np.median(ab['none']):.3f} s uncached")
+    for name, overhead in overheads.items():
+        print(f"  {name:<22} {np.median(ab[name]):.3f} s  {overhead:+.1%}")
 
 
 def psnr(a, b):
@@ -85,6 +117,15 @@ def benchmark(args, checkpoint):
 
     def decode(latents):
         return pipe.decode_latents(latents, args.height, args.width)
+
+    if args.overhead_only:
+        ab, overheads = no_hit_overhead(pipe, call, args.ab_rounds, args.ab_steps)
+        print_overheads(ab, overheads, args)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(dict(args=vars(args), no_hit_overhead=overheads, ab_step_times=ab), f, indent=2,
+                          default=float)
+        return
 
     # calibration: the model's own block-0 changes when everything is computed (threshold 0 never hits)
     pipe(**{**call, "num_inference_steps": 2}, cache=CacheConfig("fbcache", threshold=0.0))
@@ -134,14 +175,7 @@ def benchmark(args, checkpoint):
             rel_err=float(np.abs(out.images - reference.images).max() / np.abs(reference.images).max()),
             psnr=psnr(decode(out.images), ref_image)))
 
-    # the cost of FBCache's bookkeeping when nothing hits: alternate short runs, compare median step times
-    ab = {"none": [], "fbcache(0)": []}
-    short = {**call, "num_inference_steps": args.ab_steps}
-    for _ in range(args.ab_rounds):
-        ab["none"] += pipe(**short, output_type="latent").timings["steps"]
-        ab["fbcache(0)"] += pipe(**short, output_type="latent", cache=CacheConfig("fbcache", threshold=0.0)
-                                 ).timings["steps"]
-    overhead = float(np.median(ab["fbcache(0)"]) / np.median(ab["none"]) - 1)
+    ab, overheads = no_hit_overhead(pipe, call, args.ab_rounds, args.ab_steps)
 
     blocks = cfg.num_layers + cfg.num_single_layers
     print(f"\nmodel: {cfg.num_layers} double + {cfg.num_single_layers} single blocks, {cfg.num_attention_heads} heads x "
@@ -161,13 +195,11 @@ def benchmark(args, checkpoint):
         print(f"| {r['setting']} | {r['per_image_s']:.1f} | {r['denoise_s']:.1f} | {r['speedup']:.2f}x | "
               f"{r['step_cost_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {fmt(r['computed_step_s'], '.3f')} | {fmt(r['reused_step_s'], '.3f')} | "
               f"{r['rel_err']:.2e} | {fmt(r['psnr'], '.1f')} | `{r['pattern']}` |")
-    print(f"\nFBCache bookkeeping when nothing hits ({args.ab_rounds} alternating rounds of {args.ab_steps} steps): "
-          f"median step {np.median(ab['none']):.3f} s uncached, {np.median(ab['fbcache(0)']):.3f} s with "
-          f"fbcache threshold 0: {overhead:+.1%}")
+    print_overheads(ab, overheads, args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(dict(args=vars(args), thresholds=thresholds, changes=changes, rows=rows,
-                           no_hit_overhead=overhead, ab_step_times=ab), f, indent=2, default=float)
+                           no_hit_overhead=overheads, ab_step_times=ab), f, indent=2, default=float)
 
 
 if __name__ == "__main__":

@@ -27,19 +27,43 @@ import time
 
 import numpy as np
 
+from fbcache_ms.calibration import CALIBRATIONS, load_calibration
 from fbcache_ms.config import CacheConfig
 from utils import EMBEDDED_MODEL
 
 
-SETTINGS = {  # name -> CacheConfig; "none" (uncached) is the reference for fidelity and speed
-    "none": CacheConfig("none"),
-    "fbcache-0.08": CacheConfig("fbcache", threshold=0.08),
-    "fbcache-0.12": CacheConfig("fbcache", threshold=0.12),
-    "taylorseer-n5-o1": CacheConfig("taylorseer", order=1, interval=5, warmup=3, variant="per_module"),
-    "taylorseer-n5-o1-residual": CacheConfig("taylorseer", order=1, interval=5, warmup=3, variant="residual"),
-    "fbcache_taylorseer-0.08": CacheConfig("fbcache_taylorseer", threshold=0.08, order=1),
-    "fbcache_taylorseer-0.12": CacheConfig("fbcache_taylorseer", threshold=0.12, order=1),
+OWN_CALIBRATION = os.path.join(CALIBRATIONS, "trained-tiny-flux-shapes.json")  # python -m eval.calibrate_cache
+SETTINGS = {  # name -> CacheConfig arguments; "none" (uncached) is the reference for fidelity and speed
+    "none": dict(method="none"),
+    "fbcache-0.08": dict(method="fbcache", threshold=0.08),
+    "fbcache-0.12": dict(method="fbcache", threshold=0.12),
+    "dbcache-F4B0-0.08": dict(method="fbcache", threshold=0.08, fn=4),
+    "dbcache-F4B0-0.12": dict(method="fbcache", threshold=0.12, fn=4),
+    "dbcache-F1B2-0.08": dict(method="fbcache", threshold=0.08, bn=2),
+    "dbcache-F1B2-0.12": dict(method="fbcache", threshold=0.12, bn=2),
+    "taylorseer-n5-o1": dict(method="taylorseer", order=1, interval=5, warmup=3, variant="per_module"),
+    "taylorseer-n5-o1-residual": dict(method="taylorseer", order=1, interval=5, warmup=3, variant="residual"),
+    "fbcache_taylorseer-0.08": dict(method="fbcache_taylorseer", threshold=0.08, order=1),
+    "fbcache_taylorseer-0.12": dict(method="fbcache_taylorseer", threshold=0.12, order=1),
+    **{f"teacache-flux-{t}": dict(method="teacache", threshold=t) for t in (0.25, 0.4, 0.6, 0.8)},
+    **{f"teacache-own-{t}": dict(method="teacache", threshold=t, calibration=OWN_CALIBRATION)
+       for t in (0.25, 0.4, 0.6, 0.8)},
+    "magcache-flux-0.06": dict(method="magcache", threshold=0.06),
+    "magcache-own-0.06": dict(method="magcache", threshold=0.06, calibration=OWN_CALIBRATION),
+    "magcache-own-0.12": dict(method="magcache", threshold=0.12, calibration=OWN_CALIBRATION),
 }
+
+
+def cache_config(name):
+    return CacheConfig(**SETTINGS[name])
+
+
+def _config_key(cfg):
+    """What decides a setting's images: its settings and, for calibrated methods, the calibration's content."""
+    key = cfg.to_dict()
+    if cfg.calibration:
+        key["calibration"] = load_calibration(cfg.calibration)
+    return key
 
 
 def parse_args(argv=None):
@@ -56,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--true-cfg-scale", type=float, default=1.0,
                    help="true CFG with an empty negative prompt when > 1 (default 1: off)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
+    p.add_argument("--fid", action="store_true",
+                   help="also FID of each setting against the generator's own pictures of the same prompts "
+                        "(the data's ground truth; genuine FID InceptionV3, ~0.2 s per picture on 2 CPU cores)")
     p.add_argument("--decoder", default="mindspore", choices=("mindspore", "torch"),
                    help="VAE decoder for scoring: this project's MindSpore cell (default) or diffusers' "
                         "AutoencoderKL on the same weights (they agree to one level; MindSpore's CPU conv2d is "
@@ -80,12 +107,23 @@ def parse_args(argv=None):
         p.error(f"--true-cfg-scale must be a finite number >= 1, got {args.true_cfg_scale}")
     if not os.path.isdir(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
+    if args.fid:
+        from eval.metrics import MetricsError, fid_inception_path
+        try:
+            fid_inception_path()
+        except MetricsError as e:
+            p.error(f"--fid: {e}")
+    for name in args.names:
+        try:
+            cache_config(name)
+        except ValueError as e:  # e.g. a calibration file not written yet
+            p.error(f"setting {name}: {e}")
     return args
 
 
 def _signature(args, name, prompts):
     """What decides a batch's images: a rerun reuses a saved batch only when this is unchanged."""
-    key = json.dumps([os.path.abspath(args.checkpoint), SETTINGS[name].to_dict(), prompts, args.steps,
+    key = json.dumps([os.path.abspath(args.checkpoint), _config_key(cache_config(name)), prompts, args.steps,
                       args.true_cfg_scale, args.seed, args.batch_size, args.decoder], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -143,7 +181,7 @@ def generate_all(args, scenes):
             if pipe is None:
                 pipe = FluxPipeline.from_pretrained(args.checkpoint, mode="graph")
                 decode = make_decoder(args, pipe)
-            cache = SETTINGS[name]
+            cache = cache_config(name)
             call = dict(height=64, width=64, max_sequence_length=32, progress=False, cache=cache, **cfg)
             if (name, len(batch)) not in compiled:  # compile outside the timed run
                 pipe(batch, num_inference_steps=2, seed=0, output_type="latent", **call)
@@ -167,36 +205,27 @@ def generate_all(args, scenes):
     return results
 
 
-def fidelity(images, reference):
-    """(PSNR over all pixels of all images in dB, mean SSIM) of uint8 [N, H, W, 3] against the reference."""
-    import torch
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-    a = torch.from_numpy(images).permute(0, 3, 1, 2).double()
-    b = torch.from_numpy(reference).permute(0, 3, 1, 2).double()
-    if torch.equal(a, b):
-        return float("inf"), 1.0
-    return (float(peak_signal_noise_ratio(a, b, data_range=255.0)),
-            float(structural_similarity_index_measure(a, b, data_range=255.0)))
-
-
 def score(args, scenes, results):
     from eval.adherence import summarize
+    from eval.metrics import fidelity, frechet_distance
+    from eval.shapes_data import render
 
     ref = results["none"]
     n = len(scenes)
+    truth = np.stack([render(s) for s in scenes]) if args.fid else None
     rows = []
     for name in args.names:
         r = results[name]
         psnr, ssim = fidelity(r["images"], ref["images"])
+        fid = frechet_distance(r["images"], truth, progress=True) if args.fid else None
         per_image = sum(r["denoise_s"]) / n
         patterns = r["patterns"]
         rows.append(dict(
-            setting=name, cache=SETTINGS[name].describe(), config=SETTINGS[name].to_dict(),
+            setting=name, cache=cache_config(name).describe(), config=cache_config(name).to_dict(),
             denoise_s_per_image=per_image, speedup=(sum(ref["denoise_s"]) / n) / per_image,
             ideal_speedup=1 / float(np.mean(r["block_fraction"])),
             steps_computed=float(np.mean([p.count("C") for p in patterns])),
-            common_pattern=max(set(patterns), key=patterns.count), psnr=psnr, ssim=ssim,
+            common_pattern=max(set(patterns), key=patterns.count), psnr=psnr, ssim=ssim, fid=fid,
             adherence=summarize(scenes, r["images"])))
     return rows
 
@@ -212,15 +241,16 @@ def markdown(args, rows):
              f"{args.batch_size}, true CFG {args.true_cfg_scale:g}, graph mode, fp32, {args.decoder} VAE decoder. Adherence in %: one-object "
              "all / colour / shape / position / size, two-object all.", "",
              "| setting | s/image (denoise) | measured speedup | ideal speedup | steps computed | one-object all | "
-             "colour | shape | position | size | two-object all | PSNR dB | SSIM | usual pattern |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "colour | shape | position | size | two-object all | PSNR dB | SSIM | FID | usual pattern |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["adherence"]
         lines.append(
             f"| {r['setting']} | {r['denoise_s_per_image']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
             f"{r['steps_computed']:.1f} | {_pct(a, 'one object', 'all')} | {_pct(a, 'one object', 'colour')} | "
             f"{_pct(a, 'one object', 'shape')} | {_pct(a, 'one object', 'position')} | {_pct(a, 'one object', 'size')} | "
-            f"{_pct(a, 'two objects', 'all')} | {r['psnr']:.1f} | {r['ssim']:.4f} | `{r['common_pattern']}` |")
+            f"{_pct(a, 'two objects', 'all')} | {r['psnr']:.1f} | {r['ssim']:.4f} | "
+            f"{'-' if r['fid'] is None else format(r['fid'], '.2f')} | `{r['common_pattern']}` |")
     return "\n".join(lines)
 
 

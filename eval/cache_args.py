@@ -1,14 +1,20 @@
 """The cache options shared by the eval scripts (--cache, --threshold, ...)."""
-from fbcache_ms.config import METHODS, TAYLOR_VARIANTS, CacheConfig
+from fbcache_ms.config import DEFAULT_THRESHOLDS, METHODS, TAYLOR_VARIANTS, CacheConfig
 
 
 def add_cache_arguments(parser):
     g = parser.add_argument_group("cache (see README: Cache methods)")
-    g.add_argument("--cache", default="none", choices=METHODS,
-                   help="cache method (default none): fbcache | taylorseer | fbcache_taylorseer")
-    g.add_argument("--threshold", type=float, default=0.08,
-                   help="FBCache: relative change of block 0's residual below which a step reuses the cache "
-                        "(0..1, default 0.08; 0.12 is more aggressive)")
+    g.add_argument("--cache", default="none", choices=METHODS, help="cache method (default none)")
+    defaults = ", ".join(f"{m} {t:g}" for m, t in DEFAULT_THRESHOLDS.items())
+    g.add_argument("--threshold", type=float, default=None,
+                   help="the method's skip threshold (default FLUX.1-dev's: " + defaults + "). FBCache: relative "
+                        "change of the first blocks' residual, 0..1; TeaCache: accumulated rescaled change of "
+                        "block 0's modulated input (0.25 / 0.4 / 0.6 / 0.8 published); MagCache: accumulated "
+                        "magnitude-ratio error")
+    g.add_argument("--fn", type=int, default=1,
+                   help="FBCache (DBCache): the first N blocks always run and give the signal (default 1)")
+    g.add_argument("--bn", type=int, default=0,
+                   help="FBCache (DBCache): the last N blocks still run on a reused step (default 0)")
     g.add_argument("--order", type=int, default=1, help="TaylorSeer: forecast order 0..4 (default 1)")
     g.add_argument("--interval", type=int, default=5,
                    help="TaylorSeer: one full step every N steps after the warm-up (default 5)")
@@ -16,10 +22,17 @@ def add_cache_arguments(parser):
     g.add_argument("--taylor-variant", default=None, choices=TAYLOR_VARIANTS,
                    help="TaylorSeer: per_module (default for taylorseer) or residual (memory-light; the only "
                         "choice for fbcache_taylorseer)")
+    g.add_argument("--calibration", default=None, metavar="JSON",
+                   help="TeaCache / MagCache: the model's calibration (python -m eval.calibrate_cache writes "
+                        "one; default FLUX.1-dev's published coefficients and ratios)")
+    g.add_argument("--max-skip", type=int, default=3, help="MagCache: most reused steps in a row (default 3)")
+    g.add_argument("--retention", type=float, default=0.2,
+                   help="MagCache: fraction of the first steps that always compute (default 0.2)")
     return g
 
 
 def cache_config_from_args(args):
     """CacheConfig from parsed arguments; raises ValueError with the reason for bad values."""
     return CacheConfig(method=args.cache, threshold=args.threshold, order=args.order, interval=args.interval,
-                       warmup=args.warmup, variant=args.taylor_variant)
+                       warmup=args.warmup, variant=args.taylor_variant, fn=args.fn, bn=args.bn,
+                       calibration=args.calibration, max_skip=args.max_skip, retention=args.retention)

@@ -60,7 +60,7 @@ def _probe_cell(transformer):
             mods = block0.modulation(temb)
             modulated = modulate(layer_norm(h, 1e-6), mods[0], mods[1])
             h0, e0 = block0(h, e, temb, cos, sin)
-            h_out, _ = t.run_blocks(h0, e0, temb, cos, sin, first_double=1)
+            h_out, _ = t.run_blocks(h0, e0, temb, cos, sin, 1)
             return t.head(h_out, temb), modulated, h0 - h, h_out - h
 
     return Probe(transformer)
@@ -78,13 +78,13 @@ def record_signals(pipe, prompts, steps):
     from pipelines.scheduling import euler_step, flux_timesteps
 
     step_fn = ms.jit(_probe_cell(pipe.transformer).construct)
-    batch = len(prompts)
-    embeds, pooled = pipe.encode_prompt(prompts, 1, 32)
-    grid = 2 * (64 // (2 * pipe.vae_scale_factor))  # latent rows and columns of a 64x64 image
+    batch, size, seq = len(prompts), pipe.default_size, pipe.default_sequence_length
+    embeds, pooled = pipe.encode_prompt(prompts, 1, seq)
+    grid = 2 * (size // (2 * pipe.vae_scale_factor))  # latent rows and columns of the model's image size
     gens = [np.random.default_rng(k) for k in range(batch)]  # image k: seed k, as fbcache_sweep
     x = ms.Tensor(pipe._initial_latents(batch, grid, grid, None, gens, None))
-    img_ids, txt_ids = ms.Tensor(latent_image_ids(grid, grid)), ms.Tensor(np.zeros((32, 3), np.float32))
-    guidance = ms.Tensor(np.zeros(batch, np.float32))
+    img_ids, txt_ids = ms.Tensor(latent_image_ids(grid, grid)), ms.Tensor(np.zeros((seq, 3), np.float32))
+    guidance = ms.Tensor(np.full(batch, 3.5, np.float32))  # read only by guidance-distilled models
     timesteps, sigmas = flux_timesteps(pipe.scheduler, steps, x.shape[1])
     prev, sig = None, {k: [] for k in ("fbcache", "teacache", "teacache_rescaled", "output", "magcache_ratio")}
     poly = np.poly1d(TEACACHE_FLUX_COEFFICIENTS)

@@ -1,35 +1,61 @@
 """CacheConfig: which cache method runs and with what settings, validated before anything compiles."""
+import math
+import os
 from dataclasses import asdict, dataclass
 
-METHODS = ("none", "fbcache", "taylorseer", "fbcache_taylorseer")
+from fbcache_ms import calibration as calib
+
+METHODS = ("none", "fbcache", "taylorseer", "fbcache_taylorseer", "teacache", "magcache")
 TAYLOR_VARIANTS = ("per_module", "residual")
 MAX_ORDER = 4
+# FLUX.1-dev defaults of each method's own signal (they mean different things: see each method's file)
+DEFAULT_THRESHOLDS = {"fbcache": 0.08, "fbcache_taylorseer": 0.08, "teacache": 0.4, "magcache": 0.06}
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """
-    method:    none | fbcache | taylorseer | fbcache_taylorseer
-    threshold: FBCache's relative-L1 threshold on block 0's residual (0 never reuses; FLUX default 0.08)
-    order:     TaylorSeer's forecast order O (0 = plain reuse, FORA; 1 = the published default)
-    interval:  TaylorSeer: one full step every `interval` steps after the warm-up
-    warmup:    TaylorSeer: the first `warmup` steps always compute (FBCache's first step always computes too)
-    variant:   TaylorSeer: per_module (attention/MLP outputs of every block, best quality, most memory;
-               the default for taylorseer) or residual (one tensor per order and stream: the residual of
-               the whole block stack; the only choice for fbcache_taylorseer, whose decision is per stack)
+    method:      none | fbcache | taylorseer | fbcache_taylorseer | teacache | magcache
+    threshold:   the method's skip threshold (default: its FLUX.1-dev default, DEFAULT_THRESHOLDS).
+                 FBCache: relative-L1 change of the first blocks' residual, in [0, 1] (0 never reuses);
+                 TeaCache: accumulated rescaled input change; MagCache: accumulated magnitude error
+    FBCache family (fbcache, fbcache_taylorseer), cache-dit's DBCache generalisation:
+      fn:        the first `fn` blocks always run and give the signal (1 = FBCache)
+      bn:        the last `bn` blocks also run on a reused step, on top of the reused residual (0 = FBCache)
+    TaylorSeer (taylorseer, and fbcache_taylorseer's forecast):
+      order:     forecast order O (0 = plain reuse, FORA; 1 = the published default)
+      interval:  one full step every `interval` steps after the warm-up
+      warmup:    the first `warmup` steps always compute
+      variant:   per_module (attention/MLP outputs of every block: best quality, most memory; the default
+                 for taylorseer) or residual (one tensor per order: the residual of the whole block stack;
+                 the only choice for fbcache_taylorseer, whose decision is per stack)
+    TeaCache and MagCache:
+      calibration: JSON file with the model's TeaCache polynomial / MagCache ratios
+                 (default: FLUX.1-dev's published ones; `python -m eval.calibrate_cache` writes one)
+      max_skip:  MagCache: at most this many reused steps in a row
+      retention: MagCache: the first round(retention * steps) steps always compute
     """
     method: str = "none"
-    threshold: float = 0.08
+    threshold: float = None
     order: int = 1
     interval: int = 5
     warmup: int = 3
     variant: str = None
+    fn: int = 1
+    bn: int = 0
+    calibration: str = None
+    max_skip: int = 3
+    retention: float = 0.2
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown cache method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", DEFAULT_THRESHOLDS.get(self.method, 0.0))
+        limit = 1.0 if self.uses_fbcache or self.method == "none" else math.inf
+        if not (isinstance(self.threshold, (int, float)) and 0.0 <= float(self.threshold) <= limit):
+            raise ValueError(f"threshold must be in [0, {limit:g}] for {self.method}, got {self.threshold}")
+        object.__setattr__(self, "threshold", float(self.threshold))
         if not (isinstance(self.order, int) and 0 <= self.order <= MAX_ORDER):
             raise ValueError(f"order must be an integer in 0..{MAX_ORDER}, got {self.order!r}")
         if not (isinstance(self.interval, int) and self.interval >= 1):
@@ -43,6 +69,19 @@ class CacheConfig:
         if self.method == "fbcache_taylorseer" and self.variant != "residual":
             raise ValueError("fbcache_taylorseer forecasts the residual of the whole block stack: variant must be "
                              "'residual'")
+        if not (isinstance(self.fn, int) and self.fn >= 1):
+            raise ValueError(f"fn must be an integer >= 1 (the first block always runs), got {self.fn!r}")
+        if not (isinstance(self.bn, int) and self.bn >= 0):
+            raise ValueError(f"bn must be an integer >= 0, got {self.bn!r}")
+        if not (isinstance(self.max_skip, int) and self.max_skip >= 1):
+            raise ValueError(f"max_skip must be an integer >= 1, got {self.max_skip!r}")
+        if not (isinstance(self.retention, (int, float)) and 0.0 <= self.retention <= 1.0):
+            raise ValueError(f"retention must be in [0, 1], got {self.retention!r}")
+        if self.method in ("teacache", "magcache"):
+            if self.calibration is None:
+                object.__setattr__(self, "calibration", calib.FLUX_DEV)
+            # read now, so a bad file is named before anything loads or compiles
+            self.teacache_coefficients() if self.method == "teacache" else self.magcache_ratios(2)
 
     @property
     def uses_fbcache(self):
@@ -56,16 +95,33 @@ class CacheConfig:
         """TaylorSeer's fixed schedule: warm-up steps, then every `interval`-th step computes."""
         return step < self.warmup or (step - self.warmup) % self.interval == 0
 
+    def teacache_coefficients(self):
+        return calib.teacache_coefficients(self.calibration)
+
+    def magcache_ratios(self, num_steps):
+        return calib.magcache_ratios(self.calibration, num_steps)
+
+    @property
+    def structure(self):
+        """What decides the policy cell's graph (thresholds and calibrations do not: they are tensors)."""
+        return self.method, self.order, self.variant, self.fn, self.bn
+
     def describe(self):
         if self.method == "none":
             return "no cache"
         parts = []
-        if self.uses_fbcache:
+        if self.method != "taylorseer":
             parts.append(f"threshold {self.threshold:g}")
+        if self.uses_fbcache and (self.fn, self.bn) != (1, 0):
+            parts.append(f"F{self.fn}B{self.bn}")
         if self.method == "taylorseer":
             parts.append(f"order {self.order}, interval {self.interval}, warmup {self.warmup}, {self.variant}")
         elif self.method == "fbcache_taylorseer":
             parts.append(f"order {self.order}")
+        if self.method in ("teacache", "magcache"):
+            parts.append(f"calibration {os.path.basename(self.calibration)}")
+        if self.method == "magcache":
+            parts.append(f"max_skip {self.max_skip}, retention {self.retention:g}")
         return f"{self.method} ({'; '.join(parts)})"
 
     def to_dict(self):

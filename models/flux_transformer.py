@@ -266,15 +266,25 @@ class FluxTransformer(nn.Cell):
         cos, sin = rope_frequencies(ops.cat([txt_ids, img_ids], axis=0), self.config.axes_dims_rope, 10000)
         return h, e, temb, cos, sin
 
-    def run_blocks(self, h, e, temb, cos, sin, first_double=0):
-        """The block stack, from double block `first_double` on: the step the cache policies replace."""
-        for block in self.transformer_blocks[first_double:]:
-            h, e = block(h, e, temb, cos, sin)
-        txt_len = e.shape[1]
-        x = ops.cat([e, h], axis=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, temb, cos, sin)
-        return x[:, txt_len:], x[:, :txt_len]
+    @property
+    def num_blocks(self):
+        return len(self.transformer_blocks) + len(self.single_transformer_blocks)
+
+    def run_blocks(self, h, e, temb, cos, sin, start=0, stop=None):
+        """Blocks start..stop-1 of the stack (double blocks first, then single): the part the caches replace.
+        Image and text tokens go in and come out as separate streams."""
+        n_double = len(self.transformer_blocks)
+        stop = self.num_blocks if stop is None else stop
+        # indexed, not sliced: a sliced CellList re-registers its parameters under graph mode
+        for i in range(start, min(stop, n_double)):
+            h, e = self.transformer_blocks[i](h, e, temb, cos, sin)
+        if stop > n_double and stop > start:
+            txt_len = e.shape[1]
+            x = ops.cat([e, h], axis=1)
+            for i in range(max(start, n_double) - n_double, stop - n_double):
+                x = self.single_transformer_blocks[i](x, temb, cos, sin)
+            h, e = x[:, txt_len:], x[:, :txt_len]
+        return h, e
 
     def head(self, h, temb):
         return self.proj_out(self.norm_out(h, temb))

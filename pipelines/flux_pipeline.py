@@ -144,7 +144,7 @@ class FluxPipeline:
 
     def cache_policy(self, cache: CacheConfig, branch, batch, image_tokens, text_tokens):
         """The policy (and its compiled step) for one CFG branch and shape: built once, reset per call."""
-        key = (branch, cache.method, cache.order, cache.variant, batch, image_tokens, text_tokens)
+        key = (branch, *cache.structure, batch, image_tokens, text_tokens)
         if key not in self._policies:
             policy = make_policy(cache, self.transformer, batch, image_tokens, text_tokens)
             self._policies[key] = (policy, _compiled(policy.construct, self.mode))
@@ -235,7 +235,7 @@ class FluxPipeline:
         branches = {"cond": (embeds, pooled)}
         if do_true_cfg:
             branches["uncond"] = (neg_embeds, neg_pooled)
-        predict, stats = self._predictors(cache, branches, x.shape[1], max_sequence_length)
+        predict, stats = self._predictors(cache, branches, x.shape[1], max_sequence_length, len(timesteps))
 
         step_times = []
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
@@ -269,7 +269,7 @@ class FluxPipeline:
         shift = self.vae.shift_factor or 0.0
         return to_uint8_images(self._decode(ms.Tensor(grid / self.vae.scaling_factor + shift, self.dtype)))
 
-    def _predictors(self, cache, branches, image_tokens, text_tokens):
+    def _predictors(self, cache, branches, image_tokens, text_tokens, num_steps):
         """-> (predict(branch, step_index, x, timestep, img_ids, txt_ids, guidance) -> velocity, stats)."""
         if cache.method == "none":
             def predict(branch, i, x, timestep, img_ids, txt_ids, guidance):
@@ -280,15 +280,13 @@ class FluxPipeline:
         policies = {b: self.cache_policy(cache, b, batch, image_tokens, text_tokens) for b in branches}
         for policy, _ in policies.values():
             policy.reset()  # in place: the compiled graph keeps these very Parameters
-        threshold = ms.Tensor(cache.threshold, ms.float32)
-        cfg = self.transformer.config
-        stats = CacheStats(cache.method, cfg.num_layers + cfg.num_single_layers)
+        stats = CacheStats(cache.method, self.transformer.num_blocks)
 
         def predict(branch, i, x, timestep, img_ids, txt_ids, guidance):
             policy, step = policies[branch]
-            v, computed, change = step(x, *branches[branch], timestep, img_ids, txt_ids, guidance,
-                                       ms.Tensor(float(i), ms.float32), threshold, ms.Tensor(cache.is_full_step(i)))
+            v, computed, signal = step(x, *branches[branch], timestep, img_ids, txt_ids, guidance,
+                                       *policy.step_inputs(cache, i, num_steps))
             computed = bool(computed.asnumpy())
-            stats.record(branch, computed, policy.blocks_run(computed), float(change.asnumpy()))
+            stats.record(branch, computed, policy.blocks_run(computed), float(signal.asnumpy()))
             return v
         return predict, stats

@@ -67,12 +67,27 @@ class TorchFlux:
         e, h = self.m.transformer_blocks[i](hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
         return h, e
 
-    def blocks_from(self, first, h, e, temb, rope):
-        for i in range(first, len(self.m.transformer_blocks)):
-            h, e = self.block(i, h, e, temb, rope)
-        for block in self.m.single_transformer_blocks:
-            e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+    @property
+    def num_blocks(self):
+        return len(self.m.transformer_blocks) + len(self.m.single_transformer_blocks)
+
+    def blocks(self, start, stop, h, e, temb, rope):
+        """Blocks start..stop-1, numbered over the double blocks, then the single ones."""
+        n_double = len(self.m.transformer_blocks)
+        for i in range(start, stop):
+            if i < n_double:
+                h, e = self.block(i, h, e, temb, rope)
+            else:
+                e, h = self.m.single_transformer_blocks[i - n_double](
+                    hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
         return h, e
+
+    def blocks_from(self, first, h, e, temb, rope):
+        return self.blocks(first, self.num_blocks, h, e, temb, rope)
+
+    def modulated_input(self, h, temb):
+        """TeaCache's signal: block 0's norm1 output LN(h)(1 + scale_msa) + shift_msa."""
+        return self.m.transformer_blocks[0].norm1(h, emb=temb)[0]
 
     def head(self, h, temb):
         return self.m.proj_out(self.m.norm_out(h, temb))
@@ -112,9 +127,14 @@ class TorchFlux:
 class ReferenceCache:
     """One CFG branch's cache state and decisions, written from the specification in plain torch/numpy."""
 
-    def __init__(self, method, threshold=0.0, order=1, interval=5, warmup=3, variant="per_module"):
+    def __init__(self, method, threshold=0.0, order=1, interval=5, warmup=3, variant="per_module", fn=1, bn=0,
+                 steps=None, coefficients=None, ratios=None, max_skip=3, retention=0.2):
         self.method, self.threshold, self.order = method, threshold, order
         self.interval, self.warmup, self.variant = interval, warmup, variant
+        self.fn, self.bn, self.steps = fn, bn, steps
+        self.coefficients, self.ratios, self.max_skip, self.retention = coefficients, ratios, max_skip, retention
+        self.accumulated, self.ratio, self.error, self.skipped = 0.0, 1.0, 0.0, 0
+        self.prev_input = None
         self.prev_r1 = None
         self.residual = None
         self.history = {}  # key -> [(step, value)] of full steps
@@ -130,23 +150,61 @@ class ReferenceCache:
     def is_full(self, step):
         return step < self.warmup or (step - self.warmup) % self.interval == 0
 
+    def _skip_whole_stack(self, flux, step, h, e, temb, rope):
+        """TeaCache's and MagCache's decision (True: reuse the stack's residual); updates their state."""
+        if self.method == "teacache":
+            m = flux.modulated_input(h, temb)
+            if step == 0 or step == self.steps - 1:
+                skip, self.accumulated = False, 0.0
+            else:
+                self.accumulated += float(np.polyval(self.coefficients,
+                                                     fbcache_relative_diff(self.prev_input.numpy(), m.numpy())))
+                self.changes.append(self.accumulated)
+                skip = self.accumulated < self.threshold
+                if not skip:
+                    self.accumulated = 0.0
+            self.prev_input = m
+            return skip
+        if step == 0 or step < int(self.retention * self.steps + 0.5):
+            return False
+        self.ratio *= self.ratios[step]
+        self.error += abs(1.0 - self.ratio)
+        self.skipped += 1
+        self.changes.append(self.error)
+        if self.error <= self.threshold and self.skipped <= self.max_skip:
+            return True
+        self.ratio, self.error, self.skipped = 1.0, 0.0, 0
+        return False
+
     def step(self, flux, step, *inputs):
         """-> (velocity, computed)."""
         h, e, temb, rope = flux.embed(*inputs)
+        if self.method in ("teacache", "magcache"):
+            if self._skip_whole_stack(flux, step, h, e, temb, rope):
+                return flux.head(h + self.residual, temb), False
+            hf, _ = flux.blocks_from(0, h, e, temb, rope)
+            self.residual = hf - h
+            return flux.head(hf, temb), True
         if self.method in ("fbcache", "fbcache_taylorseer"):
-            h0, e0 = flux.block(0, h, e, temb, rope)
+            mid_stop = flux.num_blocks - self.bn
+            h0, e0 = flux.blocks(0, self.fn, h, e, temb, rope)
             r1 = h0 - h
             hit = False
             if self.prev_r1 is not None and step > 0:
                 self.changes.append(fbcache_relative_diff(self.prev_r1.numpy(), r1.numpy()))
                 hit = self.changes[-1] < self.threshold
             if hit:
-                res = (self._forecast("res", step, h0) if self.method == "fbcache_taylorseer" else self.residual)
-                return flux.head(h0 + res, temb), False
+                taylor = self.method == "fbcache_taylorseer"
+                hm = h0 + (self._forecast("res", step, h0) if taylor else self.residual)
+                em = e0 + (self._forecast("res_e", step, e0) if taylor else self.residual_e)
+                hf, _ = flux.blocks(mid_stop, flux.num_blocks, hm, em, temb, rope)
+                return flux.head(hf, temb), False
             self.prev_r1 = r1
-            hf, _ = flux.blocks_from(1, h0, e0, temb, rope)
-            self.residual = hf - h0
+            hm, em = flux.blocks(self.fn, mid_stop, h0, e0, temb, rope)
+            self.residual, self.residual_e = hm - h0, em - e0
             self._remember("res", step, self.residual)
+            self._remember("res_e", step, self.residual_e)
+            hf, _ = flux.blocks(mid_stop, flux.num_blocks, hm, em, temb, rope)
             return flux.head(hf, temb), True
         full = self.is_full(step)
         if self.variant == "residual":

@@ -98,6 +98,38 @@ def test_a_few_training_steps_lower_both_losses(tmp_path):
     assert not any(name.startswith(".training-") for name in os.listdir(tmp_path))  # the work folder is gone
 
 
+def test_a_continued_run_keeps_the_encoder_and_extends_the_logs(tmp_path):
+    from safetensors.numpy import load_file
+    from eval.train_shapes_model import train
+
+    first = train(_train_args(tmp_path / "a", **{"vae-steps": 10, "steps": 6}))
+    record = train(_train_args(tmp_path / "b", **{"init-from": tmp_path / "a", "vae-steps": 10, "steps": 6}))
+    assert len(record["phases"]) == 2 and record["phases"][1]["init_from"] == str(tmp_path / "a")
+    assert [h["step"] for h in record["vae_history"]] == list(range(20))
+    assert [h["step"] for h in record["transformer_history"]] == list(range(12))
+    assert record["latent_shift_factor"] == first["latent_shift_factor"]
+    old, new = (load_file(str(tmp_path / d / "vae" / "diffusion_pytorch_model.safetensors")) for d in "ab")
+    for name in old:
+        same = np.array_equal(old[name], new[name])
+        assert same != name.startswith("decoder."), name  # only the decoder trained
+    old, new = (load_file(str(tmp_path / d / "transformer" / "diffusion_pytorch_model.safetensors")) for d in "ab")
+    assert any(not np.array_equal(old[k], new[k]) for k in old)
+
+
+def test_flow_weights_mark_latent_pixels_that_touch_an_object():
+    import torch
+    from eval.shapes_data import training_batch
+    from eval.train_shapes_model import OBJECT_WEIGHT, _images_to_tensor, flow_weights
+
+    images, _ = training_batch(0, 2)
+    w = flow_weights(torch, _images_to_tensor(torch, images), 16)  # [2, 64 tokens, 64]
+    assert w.shape == (2, 64, 64)
+    assert set(np.unique(w.numpy())) == {1.0, 1.0 + OBJECT_WEIGHT}
+    objects = (np.ptp(images.astype(int), axis=-1) > 0.6 * 127.5).reshape(2, 16, 4, 16, 4).any(axis=(2, 4))
+    tokens = objects.reshape(2, 8, 2, 8, 2).transpose(0, 1, 3, 2, 4).reshape(2, 64, 4)
+    assert np.array_equal(w.numpy().reshape(2, 64, 16, 4)[:, :, 0, :] > 1, tokens)
+
+
 def test_training_arguments_are_checked(tmp_path):
     from eval.train_shapes_model import main
 
@@ -106,6 +138,8 @@ def test_training_arguments_are_checked(tmp_path):
     assert main([str(tmp_path / "full"), "--tiny"]) == 2  # not empty, no --force
     assert main([str(tmp_path / "new"), "--steps", "0"]) == 2
     assert main([str(tmp_path / "new"), "--lr", "nan"]) == 2
+    assert main([str(tmp_path / "new"), "--vae-steps", "0"]) == 2  # only a continued run may skip the VAE
+    assert main([str(tmp_path / "new"), "--init-from", str(tmp_path / "full")]) == 2  # no training_log.json
     assert not (tmp_path / "new").exists()
 
 

@@ -1,0 +1,46 @@
+"""The plumbing every cache method shares: a policy cell that runs one denoising step of the FLUX
+transformer with its cache, its state kept in fixed-shape Parameters of its own (one instance per CFG
+branch and input shape), reset in place before every call.
+
+A method is one subclass in its own file. It defines
+- `step_inputs(cache, i, num_steps)`: the per-step tensors its construct takes after the model inputs
+  (step index, thresholds, schedule flags, calibration values), decided on the host; every value that
+  changes between steps or runs is a tensor, so nothing recompiles when it changes;
+- `construct(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
+  *step_inputs) -> (velocity, computed, signal)`: computed is True when the full stack ran; signal is the
+  method's decision value at this step (-1 where it has none), recorded in the statistics.
+The skip is a tensor `if`, which graph mode compiles to real control flow: a skipped branch costs nothing.
+"""
+import mindspore as ms
+from mindspore import ops
+
+from fbcache_ms.state import CacheState
+
+EPS = 1e-8
+
+
+def relative_l1(previous, current):
+    """mean|previous - current| / mean|previous| over the whole tensor (one decision per batch, as the
+    references make it), in float32."""
+    prev = previous.astype(ms.float32)
+    return ops.abs(prev - current.astype(ms.float32)).mean() / (ops.abs(prev).mean() + EPS)
+
+
+def no_signal():
+    return ms.Tensor(-1.0, ms.float32)
+
+
+class CachePolicy(CacheState):
+    not_state = ("transformer",)  # shared, not copied: its weights are not state
+    blocks_on_reuse = 0  # transformer blocks a reused step runs
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def blocks_run(self, computed):
+        """Transformer blocks that ran at a step, from the step's `computed` flag."""
+        return self.transformer.num_blocks if computed else self.blocks_on_reuse
+
+    def step_inputs(self, cache, i, num_steps):
+        raise NotImplementedError

@@ -1,0 +1,70 @@
+"""First-Block Cache (ParaAttention semantics), generalised to cache-dit's DBCache Fn / Bn, optionally
+with a Taylor forecast of the reused residual (FBCache + TaylorSeer).
+
+The first `fn` blocks always run; the relative L1 change of their image residual against the one stored
+at the last fully computed step is the signal. Hit (change < threshold, never at step 0 or before a first
+full step): the middle blocks are replaced by the residuals they added at the last miss (or their Taylor
+forecast); the last `bn` blocks still run on top. Miss: everything runs and the residuals are stored.
+fn=1, bn=0 is FBCache, the same operations as before the generalisation.
+"""
+import mindspore as ms
+from mindspore import ops
+
+from fbcache_ms.base import CachePolicy, relative_l1
+from fbcache_ms.state import Feature, TaylorFeature
+
+
+class FBCache(CachePolicy):
+    def __init__(self, transformer, batch, image_tokens, text_tokens, order=None, fn=1, bn=0):
+        super().__init__(transformer)
+        total = transformer.num_blocks
+        if not (fn >= 1 and bn >= 0 and fn + bn < total):
+            raise ValueError(f"fn={fn}, bn={bn}: need fn >= 1, bn >= 0 and fn + bn < {total} blocks")
+        self.fn, self.bn, self.mid_stop = fn, bn, total - bn
+        self.blocks_on_reuse = fn + bn
+        dim, dtype = transformer.config.dim, transformer.dtype
+        img, txt = (batch, image_tokens, dim), (batch, text_tokens, dim)
+        self.prev_r1 = Feature(img, dtype, "prev_r1")
+        self.use_taylor = order is not None
+        if self.use_taylor:
+            self.res_h, self.res_e = TaylorFeature(img, dtype, order, "res_h"), TaylorFeature(txt, dtype, order, "res_e")
+        else:
+            self.res_h, self.res_e = Feature(img, dtype, "res_h"), Feature(txt, dtype, "res_e")
+        self.filled = ms.Parameter(ms.Tensor(False), name="filled", requires_grad=False)  # a miss has stored
+
+    def step_inputs(self, cache, i, num_steps):
+        return ms.Tensor(float(i), ms.float32), ms.Tensor(cache.threshold, ms.float32)
+
+    def reused(self, feature, step):
+        return feature.forecast(step) if self.use_taylor else feature.value
+
+    def store(self, r1, res_h, res_e, step):
+        self.prev_r1.store(r1)
+        if self.use_taylor:
+            self.res_h.update(res_h, step)
+            self.res_e.update(res_e, step)
+        else:
+            self.res_h.store(res_h)
+            self.res_e.store(res_e)
+        ops.assign(self.filled, ms.Tensor(True))
+
+    def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                  guidance, step, threshold):
+        t = self.transformer
+        h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                       img_ids, txt_ids, guidance)
+        h_f, e_f = t.run_blocks(h, e, temb, cos, sin, 0, self.fn)
+        r1 = h_f - h
+        change = relative_l1(self.prev_r1.value, r1)
+        hit = self.filled & (step > 0) & (change < threshold)
+        # read before the branch below stores: no reference yet means no signal
+        change = ops.select(self.filled, change, ops.full_like(change, -1.0))
+        if hit:
+            h_mid = h_f + self.reused(self.res_h, step)
+            # FLUX's head reads only the image stream: the text residual matters only when blocks follow
+            e_mid = e_f + self.reused(self.res_e, step) if self.bn > 0 else e_f
+        else:
+            h_mid, e_mid = t.run_blocks(h_f, e_f, temb, cos, sin, self.fn, self.mid_stop)
+            self.store(r1, h_mid - h_f, e_mid - e_f, step)
+        h_out, _ = t.run_blocks(h_mid, e_mid, temb, cos, sin, self.mid_stop)
+        return t.head(h_out, temb), ops.logical_not(hit), change
