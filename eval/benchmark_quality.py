@@ -207,17 +207,17 @@ def generate_all(args, scenes):
 
 def score(args, scenes, results):
     from eval.adherence import summarize
-    from eval.metrics import fidelity, frechet_distance
+    from eval.metrics import FrechetDistance, fidelity
     from eval.shapes_data import render
 
     ref = results["none"]
     n = len(scenes)
-    truth = np.stack([render(s) for s in scenes]) if args.fid else None
+    fid_of = FrechetDistance(np.stack([render(s) for s in scenes]), progress=True) if args.fid else None
     rows = []
     for name in args.names:
         r = results[name]
         psnr, ssim = fidelity(r["images"], ref["images"])
-        fid = frechet_distance(r["images"], truth, progress=True) if args.fid else None
+        fid = fid_of(r["images"]) if args.fid else None
         per_image = sum(r["denoise_s"]) / n
         patterns = r["patterns"]
         rows.append(dict(

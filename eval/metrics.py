@@ -57,21 +57,42 @@ def _nchw(images):
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
+class FrechetDistance:
+    """FID against one reference set: its Inception features are computed once, then each call scores a set.
+
+        fid = FrechetDistance(reference)   # uint8 [N, H, W, 3], N >= 2
+        fid(generated_a), fid(generated_b)
+    """
+
+    def __init__(self, reference, batch_size=50, progress=False):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.batch_size, self.progress = batch_size, progress
+        self.metric = FrechetInceptionDistance(feature=fid_inception(), reset_real_features=False)
+        self._update(reference, real=True)
+
+    def _update(self, images, real):
+        import torch
+        from tqdm.auto import tqdm
+
+        if len(images) < 2:
+            raise ValueError(f"FID needs at least 2 pictures per set, got {len(images)}")
+        with torch.no_grad():
+            for start in tqdm(range(0, len(images), self.batch_size), desc="FID " + ("reference" if real else "set"),
+                              disable=not self.progress, leave=False):
+                self.metric.update(_nchw(images[start:start + self.batch_size]), real=real)
+
+    def __call__(self, generated):
+        self.metric.reset()  # keeps the reference's features
+        self._update(generated, real=False)
+        return float(self.metric.compute())
+
+
 def frechet_distance(generated, reference, batch_size=50, progress=False):
     """FID between two sets of uint8 pictures [N, H, W, 3] (at least 2 each)."""
-    import torch
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from tqdm.auto import tqdm
-
-    if len(generated) < 2 or len(reference) < 2:
-        raise ValueError(f"FID needs at least 2 pictures per set, got {len(generated)} and {len(reference)}")
-    fid = FrechetInceptionDistance(feature=fid_inception(), reset_real_features=True)
-    with torch.no_grad():
-        for real, images in ((True, reference), (False, generated)):
-            for start in tqdm(range(0, len(images), batch_size), desc="FID " + ("reference" if real else "generated"),
-                              disable=not progress, leave=False):
-                fid.update(_nchw(images[start:start + batch_size]), real=real)
-        return float(fid.compute())
+    if len(generated) < 2:
+        raise ValueError(f"FID needs at least 2 pictures per set, got {len(generated)}")
+    return FrechetDistance(reference, batch_size, progress)(generated)
 
 
 def fidelity(images, reference):

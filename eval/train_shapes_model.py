@@ -221,6 +221,17 @@ def train_transformer(torch, model, vae, text, args, stream, history, gen):
     model.eval()
 
 
+def drop_build_paths(folder):
+    """save_pretrained records the temporary folder the model was loaded from; it means nothing elsewhere."""
+    for sub in ("transformer", "vae"):
+        path = os.path.join(folder, sub, "config.json")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.pop("_name_or_path", None) is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+
+
 def plot_losses(log_data, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -236,8 +247,11 @@ def plot_losses(log_data, path):
         ax.plot(y, color="0.75", lw=0.8, label="per step")
         if len(y) >= k:
             ax.plot(np.arange(k - 1, len(y)), np.convolve(y, np.ones(k) / k, "valid"), color="C0", label=f"mean of {k}")
+        starts = np.cumsum([ph.get("vae_steps" if key == "l1" else "steps", 0) for ph in log_data.get("phases", [])])
+        for boundary in starts[:-1]:  # a continued run (--init-from) starts a new phase here
+            ax.axvline(boundary, color="C3", lw=0.8, ls="--")
         ax.set_yscale("log")
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (dashed: a continued run starts)" if len(starts) > 1 else "step")
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
@@ -368,6 +382,7 @@ def train(args):
         with open(os.path.join(work, "training_log.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
         plot_losses(record, os.path.join(work, "training_loss.png"))
+        drop_build_paths(work)
         if os.path.isdir(args.out_dir):
             shutil.rmtree(args.out_dir)
         os.replace(work, args.out_dir)

@@ -47,3 +47,11 @@ def test_fidelity_of_identical_and_perturbed_pictures():
     b = np.clip(a.astype(int) + 4, 0, 255).astype(np.uint8)
     psnr, ssim = metrics.fidelity(b, a)
     assert 35 < psnr < 37 and 0.9 < ssim < 1.0  # an offset of 4 levels: 20 log10(255 / ~4) = ~36 dB
+
+
+def test_one_reference_scores_several_sets_as_separate_computations_would():
+    rng = np.random.default_rng(2)
+    ref, a, b = (rng.integers(lo, 256, (6, 32, 32, 3), dtype=np.uint8) for lo in (0, 50, 120))
+    fid = metrics.FrechetDistance(ref, batch_size=4)
+    assert fid(a) == pytest.approx(metrics.frechet_distance(a, ref), rel=1e-6)
+    assert fid(b) == pytest.approx(metrics.frechet_distance(b, ref), rel=1e-6)
