@@ -72,6 +72,17 @@ def test_magcache_matches_reference(torch_dev_pipeline, dev_pipeline, tiny_calib
     assert rel_err(ours, expected) < 1e-4
 
 
+def test_magcache_true_cfg_keeps_one_state_per_branch(torch_dev_pipeline, dev_pipeline, tiny_calibration):
+    latents = _latents(seed=16)
+    kw = dict(negative_prompt="blurry", true_cfg_scale=2.5)
+    expected, ref_pattern = reference_run(torch_dev_pipeline, latents, "a cat", method="magcache", threshold=0.5,
+                                          steps=STEPS, ratios=RATIOS, max_skip=2, retention=0.25, **kw)
+    ours, pattern = _ours(dev_pipeline, latents, "a cat", CacheConfig(
+        "magcache", threshold=0.5, calibration=tiny_calibration, max_skip=2, retention=0.25), **kw)
+    assert set(pattern) == {"cond", "uncond"} and pattern == ref_pattern and "." in pattern["uncond"]
+    assert rel_err(ours, expected) < 1e-4
+
+
 def test_magcache_ratios_resample_to_other_step_counts(tiny_calibration):
     cfg = CacheConfig("magcache", calibration=tiny_calibration)
     np.testing.assert_array_equal(cfg.magcache_ratios(STEPS), RATIOS)
