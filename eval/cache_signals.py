@@ -21,7 +21,6 @@ import numpy as np
 
 from utils import EMBEDDED_MODEL
 
-TEACACHE_FLUX_COEFFICIENTS = [4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01]
 FLUX_DEV_FBCACHE = {0.08: 1.55, 0.12: 1.91}  # published wall-clock speedups, FLUX.1-dev 1024^2, 28 steps
 THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.16, 0.20, 0.25, 0.30)
 
@@ -74,6 +73,7 @@ def _rel_l1(a, b):
 
 def record_signals(pipe, prompts, steps):
     import mindspore as ms
+    from fbcache_ms.calibration import FLUX_DEV, teacache_coefficients
     from pipelines.flux_pipeline import latent_image_ids
     from pipelines.scheduling import euler_step, flux_timesteps
 
@@ -87,7 +87,7 @@ def record_signals(pipe, prompts, steps):
     guidance = ms.Tensor(np.full(batch, 3.5, np.float32))  # read only by guidance-distilled models
     timesteps, sigmas = flux_timesteps(pipe.scheduler, steps, x.shape[1])
     prev, sig = None, {k: [] for k in ("fbcache", "teacache", "teacache_rescaled", "output", "magcache_ratio")}
-    poly = np.poly1d(TEACACHE_FLUX_COEFFICIENTS)
+    poly = np.poly1d(teacache_coefficients(FLUX_DEV))
     for i, t in enumerate(timesteps):
         timestep = ms.Tensor(np.full(batch, t / 1000, np.float32))
         v, modulated, r1, residual = (a.asnumpy() for a in step_fn(x, embeds, pooled, timestep, img_ids, txt_ids,

@@ -46,8 +46,9 @@ def parse_args(argv=None):
         if not args.prompt_list:
             p.error(f"--prompt-file {args.prompt_file!r} has no prompts")
     else:
-        from eval.shapes_data import training_batch
-        args.prompt_list = training_batch(987_654_321, args.prompts)[1]  # far from the training stream's start
+        from eval.shapes_data import training_sample
+        first = 987_654_321  # far from the training stream's start
+        args.prompt_list = [training_sample(first + k).caption for k in range(args.prompts)]
     return args
 
 

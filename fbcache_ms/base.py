@@ -14,7 +14,7 @@ The skip is a tensor `if`, which graph mode compiles to real control flow: a ski
 import mindspore as ms
 from mindspore import ops
 
-from fbcache_ms.state import CacheState
+from fbcache_ms.state import CacheState, Feature
 
 EPS = 1e-8
 
@@ -28,6 +28,11 @@ def relative_l1(previous, current):
 
 def no_signal():
     return ms.Tensor(-1.0, ms.float32)
+
+
+def signal_where(has_signal, value):
+    """The step's signal where it exists, -1 (recorded as none) elsewhere."""
+    return ops.select(has_signal, value, ops.full_like(value, -1.0))
 
 
 class CachePolicy(CacheState):
@@ -44,3 +49,21 @@ class CachePolicy(CacheState):
 
     def step_inputs(self, cache, i, num_steps):
         raise NotImplementedError
+
+
+class WholeStackCache(CachePolicy):
+    """Step skippers that reuse the image residual of the whole block stack (TeaCache, MagCache): a reused step
+    runs no block."""
+
+    def __init__(self, transformer, batch, image_tokens):
+        super().__init__(transformer)
+        self.residual = Feature((batch, image_tokens, transformer.config.dim), transformer.dtype, "residual")
+
+    def stack_or_reuse(self, skip, h, e, temb, cos, sin):
+        """The stack's image output: h + the stored residual when `skip`, else computed (and its residual stored)."""
+        if skip:
+            h_out = h + self.residual.value
+        else:
+            h_out, _ = self.transformer.run_blocks(h, e, temb, cos, sin)
+            self.residual.store(h_out - h)
+        return h_out

@@ -10,7 +10,7 @@ fn=1, bn=0 is FBCache, the same operations as before the generalisation.
 import mindspore as ms
 from mindspore import ops
 
-from fbcache_ms.base import CachePolicy, relative_l1
+from fbcache_ms.base import CachePolicy, relative_l1, signal_where
 from fbcache_ms.state import Feature, TaylorFeature
 
 
@@ -58,7 +58,7 @@ class FBCache(CachePolicy):
         change = relative_l1(self.prev_r1.value, r1)
         hit = self.filled & (step > 0) & (change < threshold)
         # read before the branch below stores: no reference yet means no signal
-        change = ops.select(self.filled, change, ops.full_like(change, -1.0))
+        change = signal_where(self.filled, change)
         if hit:
             h_mid = h_f + self.reused(self.res_h, step)
             # FLUX's head reads only the image stream: the text residual matters only when blocks follow

@@ -12,7 +12,7 @@ A reused step runs no block: only the embedding, block 0's modulation and the he
 import mindspore as ms
 from mindspore import ops
 
-from fbcache_ms.base import CachePolicy, relative_l1
+from fbcache_ms.base import WholeStackCache, relative_l1, signal_where
 from fbcache_ms.state import Feature, _buffer
 from models.layers import layer_norm, modulate
 
@@ -25,14 +25,10 @@ def polyval(coefficients, x):
     return out
 
 
-class TeaCache(CachePolicy):
-    blocks_on_reuse = 0
-
+class TeaCache(WholeStackCache):
     def __init__(self, transformer, batch, image_tokens, text_tokens):
-        super().__init__(transformer)
-        img, dtype = (batch, image_tokens, transformer.config.dim), transformer.dtype
-        self.prev_input = Feature(img, dtype, "prev_modulated_input")
-        self.residual = Feature(img, dtype, "residual")
+        super().__init__(transformer, batch, image_tokens)
+        self.prev_input = Feature(self.residual.value.shape, transformer.dtype, "prev_modulated_input")
         self.accumulated = _buffer((), ms.float32, "accumulated")
 
     def step_inputs(self, cache, i, num_steps):
@@ -53,10 +49,5 @@ class TeaCache(CachePolicy):
         skip = ops.logical_not(always_compute) & (accumulated < threshold)
         ops.assign(self.accumulated, ops.select(skip, accumulated, ops.zeros_like(accumulated)))
         self.prev_input.store(modulated)
-        if skip:
-            h_out = h + self.residual.value
-        else:
-            h_out, _ = t.run_blocks(h, e, temb, cos, sin)
-            self.residual.store(h_out - h)
-        signal = ops.select(always_compute, ops.full_like(accumulated, -1.0), accumulated)
-        return t.head(h_out, temb), ops.logical_not(skip), signal
+        h_out = self.stack_or_reuse(skip, h, e, temb, cos, sin)
+        return t.head(h_out, temb), ops.logical_not(skip), signal_where(ops.logical_not(always_compute), accumulated)

@@ -72,6 +72,16 @@ def test_magcache_matches_reference(torch_dev_pipeline, dev_pipeline, tiny_calib
     assert rel_err(ours, expected) < 1e-4
 
 
+def test_magcache_without_retention_still_computes_step_zero(torch_dev_pipeline, dev_pipeline, tiny_calibration):
+    latents = _latents(seed=17)
+    expected, ref_pattern = reference_run(torch_dev_pipeline, latents, "a dog", method="magcache", threshold=0.5,
+                                          steps=STEPS, ratios=RATIOS, max_skip=3, retention=0.0)
+    ours, pattern = _ours(dev_pipeline, latents, "a dog", CacheConfig(
+        "magcache", threshold=0.5, calibration=tiny_calibration, max_skip=3, retention=0.0))
+    assert pattern == ref_pattern and pattern["cond"][0] == "C" and "." in pattern["cond"][1:3]
+    assert rel_err(ours, expected) < 1e-4
+
+
 def test_magcache_true_cfg_keeps_one_state_per_branch(torch_dev_pipeline, dev_pipeline, tiny_calibration):
     latents = _latents(seed=16)
     kw = dict(negative_prompt="blurry", true_cfg_scale=2.5)
