@@ -1,4 +1,5 @@
-"""Quality and speed of each cache setting on the trained embedded model, over its held-out prompts.
+"""The method matrix: every cache setting on the trained embedded model, over its held-out prompts, in one
+command: generated, scored, tabulated and plotted.
 
 Every setting generates the same held-out prompts (eval/shapes_data.py) from the same noise (image k: seed
 base + k), in graph mode, and is scored on
@@ -6,15 +7,23 @@ base + k), in graph mode, and is scored on
   per attribute and "all attributes right", one-object and two-object prompts apart;
 - fidelity to the uncached images of the same seeds: PSNR (over all pixels of all images) and mean SSIM
   (torchmetrics);
+- FID against the generator's own pictures of the same prompts (--fid) and CLIP score (--clip-model);
 - speed: denoising seconds per image after compilation and its ratio to the uncached run (measured
   speedup), next to the ideal speedup implied by the blocks that ran (1 / fraction of blocks run).
 
+The settings are a JSON file (--settings-file, {name: CacheConfig arguments}) or the built-in table below;
+the uncached "none" always runs, as the reference. Writes results.json, results.md, samples.png (the same
+prompts under every setting), pareto.png (speed against PSNR, adherence and FID, with the Pareto front),
+cache_map.png (steps computed / reused per setting) and signals.png (the signal each cache read, per step).
+
 Batches run round robin over the settings (batch 1 of every setting, then batch 2, ...), so a slow spell of
 the machine spreads over all settings. Each finished batch is saved (written under a temporary name, then
-renamed) and a rerun with the same arguments resumes from there. A cache decides once per batch from the
-whole batch (as the reference implementations do), so hit patterns depend on --batch-size.
+renamed) and a rerun with the same arguments resumes from there; each setting's scores are saved too and
+reused while its images are unchanged. A cache decides once per batch from the whole batch (as the
+reference implementations do), so hit patterns depend on --batch-size.
 
-  python -m eval.benchmark_quality --out outputs/quality
+  python -m eval.benchmark_quality --out outputs/matrix --decoder torch --fid
+  python -m eval.benchmark_quality --out outputs/mine --settings-file my_settings.json --one-object 100 --two-object 50
   python -m eval.benchmark_quality --out outputs/quality-cfg --settings none --true-cfg-scale 3
 """
 import argparse
@@ -54,8 +63,31 @@ SETTINGS = {  # name -> CacheConfig arguments; "none" (uncached) is the referenc
 }
 
 
-def cache_config(name):
-    return CacheConfig(**SETTINGS[name])
+def cache_config(name, table=None):
+    return CacheConfig(**(table or SETTINGS)[name])
+
+
+def read_settings_file(path):
+    """{name: CacheConfig arguments} from a JSON object; ValueError naming the file, setting and reason."""
+    from models.checkpoint import CheckpointError, read_json
+
+    try:
+        table = read_json(path, "settings")
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(table, dict) or not table or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError(f"{path}: expected a JSON object of settings, e.g. "
+                         '{"fbcache-0.08": {"method": "fbcache", "threshold": 0.08}}')
+    for name, kwargs in table.items():
+        try:
+            CacheConfig(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"{path}: setting {name!r}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: setting {name!r}: {e}") from None
+    if table.get("none", {"method": "none"}).get("method", "none") != "none":
+        raise ValueError(f"{path}: the name 'none' is kept for the uncached reference")
+    return {"none": dict(method="none"), **table}
 
 
 def _config_key(cfg):
@@ -71,8 +103,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=EMBEDDED_MODEL, help="trained shapes model folder (default: the embedded one)")
     p.add_argument("--out", required=True, help="folder for batches, results.json, results.md and samples.png")
-    p.add_argument("--settings", default=",".join(SETTINGS),
-                   help=f"comma-separated subset of: {', '.join(SETTINGS)} (default: all)")
+    p.add_argument("--settings-file", metavar="JSON",
+                   help="the settings to compare: a JSON object {name: CacheConfig arguments}, e.g. "
+                        '{"fb-0.08": {"method": "fbcache", "threshold": 0.08}}; the uncached "none" is always '
+                        "added (default: the built-in table below)")
+    p.add_argument("--settings", default=None,
+                   help=f"comma-separated subset of the table's names (default: all): {', '.join(SETTINGS)}")
+    p.add_argument("--clip-model", help="also CLIP score with this local CLIP model folder")
     p.add_argument("--one-object", type=int, default=500, help="held-out one-object prompts (default 500)")
     p.add_argument("--two-object", type=int, default=200, help="held-out two-object prompts (default 200)")
     p.add_argument("--batch-size", type=int, default=25, help="prompts per pipeline call (default 25)")
@@ -88,10 +125,14 @@ def parse_args(argv=None):
                         "AutoencoderKL on the same weights (they agree to one level; MindSpore's CPU conv2d is "
                         "~15x slower than torch's, which dominates a CPU run of this tiny model)")
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.settings.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SETTINGS]
+    try:
+        args.table = read_settings_file(args.settings_file) if args.settings_file else SETTINGS
+    except ValueError as e:
+        p.error(f"--settings-file: {e}")
+    names = [n.strip() for n in (args.settings or ",".join(args.table)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in args.table]
     if unknown or not names:
-        p.error(f"--settings: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+        p.error(f"--settings: unknown setting(s) {unknown}; choose from {', '.join(args.table)}")
     if "none" not in names:
         names = ["none"] + names  # the reference is always generated
     args.names = list(dict.fromkeys(names))
@@ -107,15 +148,17 @@ def parse_args(argv=None):
         p.error(f"--true-cfg-scale must be a finite number >= 1, got {args.true_cfg_scale}")
     if not os.path.isdir(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
-    if args.fid:
-        from eval.metrics import MetricsError, fid_inception_path
-        try:
+    from eval.metrics import MetricsError, check_clip_model, fid_inception_path
+    try:
+        if args.fid:
             fid_inception_path()
-        except MetricsError as e:
-            p.error(f"--fid: {e}")
+        if args.clip_model:
+            check_clip_model(args.clip_model)
+    except MetricsError as e:
+        p.error(str(e))
     for name in args.names:
         try:
-            cache_config(name)
+            cache_config(name, args.table)
         except ValueError as e:  # e.g. a calibration file not written yet
             p.error(f"setting {name}: {e}")
     return args
@@ -123,9 +166,13 @@ def parse_args(argv=None):
 
 def _signature(args, name, prompts):
     """What decides a batch's images: a rerun reuses a saved batch only when this is unchanged."""
-    key = json.dumps([os.path.abspath(args.checkpoint), _config_key(cache_config(name)), prompts, args.steps,
-                      args.true_cfg_scale, args.seed, args.batch_size, args.decoder], sort_keys=True)
+    key = json.dumps([os.path.abspath(args.checkpoint), _config_key(cache_config(name, args.table)), prompts,
+                      args.steps, args.true_cfg_scale, args.seed, args.batch_size, args.decoder, BATCH_FORMAT],
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+BATCH_FORMAT = 2  # 2: per-step signals saved with each batch
 
 
 def _save_atomic(path, **arrays):
@@ -163,7 +210,8 @@ def generate_all(args, scenes):
     prompts = [s.caption for s in scenes]
     starts = list(range(0, len(prompts), args.batch_size))
     pipe, decode, compiled = None, None, set()
-    results = {n: {"images": [], "denoise_s": [], "block_fraction": [], "patterns": []} for n in args.names}
+    results = {n: {"images": [], "denoise_s": [], "block_fraction": [], "patterns": [], "signals": [], "signature": []}
+               for n in args.names}
     cfg = dict(negative_prompt="" if args.true_cfg_scale > 1 else None, true_cfg_scale=args.true_cfg_scale)
     bar = tqdm(total=len(starts) * len(args.names), desc="generating", unit="batch")
     for b, start in enumerate(starts):
@@ -173,15 +221,15 @@ def generate_all(args, scenes):
             sig = _signature(args, name, batch)
             if os.path.isfile(path):
                 saved = np.load(path)
-                if str(saved["signature"]) == sig:
+                if str(np.ravel(saved["signature"])[0]) == sig:
                     for k in results[name]:
-                        results[name][k].append(saved[k] if k == "images" else saved[k].tolist())
+                        results[name][k].append(saved[k] if k in ("images", "signals") else saved[k].tolist())
                     bar.update()
                     continue
             if pipe is None:
                 pipe = FluxPipeline.from_pretrained(args.checkpoint, mode="graph")
                 decode = make_decoder(args, pipe)
-            cache = cache_config(name)
+            cache = cache_config(name, args.table)
             call = dict(height=64, width=64, max_sequence_length=32, progress=False, cache=cache, **cfg)
             if (name, len(batch)) not in compiled:  # compile outside the timed run
                 pipe(batch, num_inference_steps=2, seed=0, output_type="latent", **call)
@@ -191,8 +239,11 @@ def generate_all(args, scenes):
             stats = out.cache_stats
             record = dict(images=decode(out.images), denoise_s=[out.timings["denoise"]],
                           block_fraction=[stats.block_fraction() if stats else 1.0],
-                          patterns=[stats.pattern() if stats else "C" * args.steps])
-            _save_atomic(path, signature=np.array(sig), **{k: np.asarray(v) for k, v in record.items()})
+                          patterns=[stats.pattern() if stats else "C" * args.steps],
+                          signals=np.array([[np.nan if c is None else c for c in stats.changes["cond"]]
+                                            if stats else [np.nan] * args.steps], np.float64),
+                          signature=[sig])
+            _save_atomic(path, **{k: np.asarray(v) for k, v in record.items()})
             for k, v in record.items():
                 results[name][k].append(v)
             bar.update()
@@ -202,31 +253,52 @@ def generate_all(args, scenes):
         r["denoise_s"] = [x for xs in r["denoise_s"] for x in xs]
         r["block_fraction"] = [x for xs in r["block_fraction"] for x in xs]
         r["patterns"] = [x for xs in r["patterns"] for x in xs]
+        r["signals"] = np.concatenate(r["signals"])  # [batches, steps]: the signal each batch's cache read
+        r["signature"] = hashlib.sha256("".join(np.ravel(r["signature"]).tolist()).encode()).hexdigest()[:16]
     return results
 
 
 def score(args, scenes, results):
+    """One row per setting. A setting's scores are saved (scores/NAME.json) with the signature of its images
+    and of the scoring options, and reused by a rerun when both are unchanged."""
+    from tqdm.auto import tqdm
     from eval.adherence import summarize
-    from eval.metrics import FrechetDistance, fidelity
+    from eval.metrics import FrechetDistance, clip_score, fidelity
     from eval.shapes_data import render
 
     ref = results["none"]
     n = len(scenes)
-    fid_of = FrechetDistance(np.stack([render(s) for s in scenes]), progress=True) if args.fid else None
+    os.makedirs(os.path.join(args.out, "scores"), exist_ok=True)
+    fid_of = None
     rows = []
-    for name in args.names:
-        r = results[name]
-        psnr, ssim = fidelity(r["images"], ref["images"])
-        fid = fid_of(r["images"]) if args.fid else None
+    for name in tqdm(args.names, desc="scoring", unit="setting"):
+        r, cfg = results[name], cache_config(name, args.table)
+        key = [r["signature"], ref["signature"], args.fid, args.clip_model and os.path.abspath(args.clip_model)]
+        path = os.path.join(args.out, "scores", f"{name}.json")
+        saved = None
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        if saved is None or saved.get("key") != key:
+            saved = dict(key=key, adherence=summarize(scenes, r["images"]))
+            saved["psnr"], saved["ssim"] = fidelity(r["images"], ref["images"])
+            if args.fid:
+                fid_of = fid_of or FrechetDistance(np.stack([render(s) for s in scenes]), progress=True)
+                saved["fid"] = fid_of(r["images"])
+            if args.clip_model:
+                saved["clip_score"] = clip_score(r["images"], [s.caption for s in scenes], args.clip_model)[0]
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(saved, f)
+            os.replace(path + ".tmp", path)
         per_image = sum(r["denoise_s"]) / n
         patterns = r["patterns"]
         rows.append(dict(
-            setting=name, cache=cache_config(name).describe(), config=cache_config(name).to_dict(),
+            setting=name, cache=cfg.describe(), config=cfg.to_dict(),
             denoise_s_per_image=per_image, speedup=(sum(ref["denoise_s"]) / n) / per_image,
             ideal_speedup=1 / float(np.mean(r["block_fraction"])),
             steps_computed=float(np.mean([p.count("C") for p in patterns])),
-            common_pattern=max(set(patterns), key=patterns.count), psnr=psnr, ssim=ssim, fid=fid,
-            adherence=summarize(scenes, r["images"])))
+            common_pattern=max(set(patterns), key=patterns.count), psnr=saved["psnr"], ssim=saved["ssim"],
+            fid=saved.get("fid"), clip_score=saved.get("clip_score"), adherence=saved["adherence"]))
     return rows
 
 
@@ -241,8 +313,8 @@ def markdown(args, rows):
              f"{args.batch_size}, true CFG {args.true_cfg_scale:g}, graph mode, fp32, {args.decoder} VAE decoder. Adherence in %: one-object "
              "all / colour / shape / position / size, two-object all.", "",
              "| setting | s/image (denoise) | measured speedup | ideal speedup | steps computed | one-object all | "
-             "colour | shape | position | size | two-object all | PSNR dB | SSIM | FID | usual pattern |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "colour | shape | position | size | two-object all | PSNR dB | SSIM | FID | CLIP | usual pattern |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["adherence"]
         lines.append(
@@ -250,8 +322,94 @@ def markdown(args, rows):
             f"{r['steps_computed']:.1f} | {_pct(a, 'one object', 'all')} | {_pct(a, 'one object', 'colour')} | "
             f"{_pct(a, 'one object', 'shape')} | {_pct(a, 'one object', 'position')} | {_pct(a, 'one object', 'size')} | "
             f"{_pct(a, 'two objects', 'all')} | {r['psnr']:.1f} | {r['ssim']:.4f} | "
-            f"{'-' if r['fid'] is None else format(r['fid'], '.2f')} | `{r['common_pattern']}` |")
+            f"{'-' if r['fid'] is None else format(r['fid'], '.2f')} | "
+            f"{'-' if r.get('clip_score') is None else format(r['clip_score'], '.2f')} | `{r['common_pattern']}` |")
     return "\n".join(lines)
+
+
+def pareto_front(points):
+    """Indices of the points no other point beats on both coordinates (larger is better on both)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
+
+
+def plot_pareto(rows, path):
+    """Measured speedup against each quality figure, the Pareto front of each panel drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("PSNR against uncached (dB)", lambda r: min(r["psnr"], 60.0), 1),
+              ("one-object adherence, all attributes (%)", lambda r: 100 * r["adherence"]["one object"]["all"], 1)]
+    if rows[0].get("fid") is not None:
+        panels.append(("FID against ground truth (lower is better)", lambda r: r["fid"], -1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5))
+    families = sorted({r["config"]["method"] for r in rows})
+    colour = {m: f"C{k}" for k, m in enumerate(families)}
+    for ax, (label, value, sign) in zip(axes, panels):
+        points = [(r["speedup"], sign * value(r)) for r in rows]
+        for r, (x, y) in zip(rows, points):
+            ax.scatter(x, sign * y, color=colour[r["config"]["method"]], s=30, zorder=3)
+            ax.annotate(r["setting"], (x, sign * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = sorted((points[i] for i in pareto_front(points)))
+        ax.plot([x for x, _ in front], [sign * y for _, y in front], color="0.3", ls="--", lw=1, zorder=2,
+                label="Pareto front")
+        ax.set_xlabel("measured speedup (denoising, x uncached)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    for m in families:
+        axes[0].scatter([], [], color=colour[m], label=m)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("cache settings: speed against quality (psnr of the uncached run is shown at 60 dB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cache_maps(names, results, path):
+    """Per setting and step: the fraction of batches whose cache computed the step (1 = always computed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.array([[np.mean([p[i] == "C" for p in results[n]["patterns"]]) for i in range(len(results[n]["patterns"][0]))]
+                     for n in names])
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(names) + 1.5))
+    im = ax.imshow(grid, cmap="Greys", vmin=0, vmax=1, aspect="auto")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("denoising step")
+    ax.set_title("steps computed (black) and reused (white), fraction of batches")
+    fig.colorbar(im, ax=ax, fraction=0.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_signals(names, results, path):
+    """The signal each cache compared with its threshold, per step (mean over batches)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for k, n in enumerate(names):
+        sig = results[n]["signals"]
+        if np.isnan(sig).all():
+            continue
+        seen = ~np.isnan(sig).all(axis=0)  # steps where no batch read a signal stay empty
+        mean = np.full(sig.shape[1], np.nan)
+        mean[seen] = np.nanmean(sig[:, seen], axis=0)
+        ax.plot(mean, marker=".", lw=1, label=n, color=f"C{k % 10}", ls="-" if k < 10 else "--")
+    ax.set_yscale("log")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("signal read by the cache (its own units)")
+    ax.set_title("per-step cache signals (FBCache: relative change of the first blocks' residual; TeaCache: "
+                 "accumulated rescaled change; MagCache: accumulated error)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def sample_grid(args, scenes, results, path, columns=10):
@@ -284,11 +442,16 @@ def main(argv=None):
     table = markdown(args, rows)
     print(table)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(args={k: v for k, v in vars(args).items()}, rows=rows), f, indent=1)
+        json.dump(dict(args={k: v for k, v in vars(args).items() if k != "table"}, settings=args.table, rows=rows),
+                  f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     sample_grid(args, scenes, results, os.path.join(args.out, "samples.png"))
-    print(f"\nwrote {args.out}/results.json, results.md, samples.png in {time.perf_counter() - start:.0f} s")
+    plot_pareto(rows, os.path.join(args.out, "pareto.png"))
+    plot_cache_maps(args.names, results, os.path.join(args.out, "cache_map.png"))
+    plot_signals(args.names, results, os.path.join(args.out, "signals.png"))
+    print(f"\nwrote {args.out}/results.json, results.md, samples.png, pareto.png, cache_map.png, signals.png in "
+          f"{time.perf_counter() - start:.0f} s")
     return 0
 
 

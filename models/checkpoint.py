@@ -30,21 +30,55 @@ def read_config(folder):
     if not os.path.isdir(folder):
         raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
     path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise CheckpointError(f"no config.json in {folder!r}: is this a diffusers-format model folder?")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)
+
+
+def read_json(path, what="config"):
+    """A JSON file's content; CheckpointError naming the file when it is missing, a folder or invalid."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, expected a {what} file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text: not a {what} file") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def safetensors_header(path):
+    """The tensor table of a safetensors file, checked against the file's size (a truncated copy is named)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes: truncated?)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: not a safetensors file, or truncated (its header says {header_len} "
+                                  f"bytes of header, the file has {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: damaged safetensors header (not JSON)") from None
+    header.pop("__metadata__", None)
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{path}: truncated: its tensors need {8 + header_len + end} bytes, the file has "
+                              f"{size}")
+    return header, 8 + header_len
 
 
 class _SafetensorsFile:
     def __init__(self, path):
         self.path = path
+        header, self._data_start = safetensors_header(path)
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        header.pop("__metadata__", None)
-        self._data_start = 8 + header_len
         self.entries = header
 
     def read(self, name):
@@ -66,7 +100,7 @@ class StateDict:
     def __init__(self, folder):
         if not os.path.isdir(folder):
             raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
-        files = self._weight_files(folder)
+        files = self.weight_files(folder)
         self._where = {}
         for path in files:
             st = _SafetensorsFile(path)
@@ -74,12 +108,11 @@ class StateDict:
                 self._where[name] = st
 
     @staticmethod
-    def _weight_files(folder):
+    def weight_files(folder):
         for index_name in WEIGHT_INDEX_NAMES:
             index_path = os.path.join(folder, index_name)
             if os.path.isfile(index_path):
-                with open(index_path, encoding="utf-8") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                shards = sorted(set(read_json(index_path, "weight index")["weight_map"].values()))
                 missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
                 if missing:
                     raise CheckpointError(f"{index_path} names shards that are not there: {missing}")

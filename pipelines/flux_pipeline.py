@@ -3,6 +3,7 @@
 Mirrors diffusers' FluxPipeline (same tokenisation, latent packing, schedule and true-CFG rule), so that a
 run can be compared with diffusers noise for noise by passing the same packed `latents`.
 """
+import math
 import os
 import time
 import warnings
@@ -84,6 +85,68 @@ def _tokenize(tokenizer, prompts, max_length, name):
     return ids
 
 
+def _default_steps(scheduler_config):
+    return 28 if scheduler_config.get("use_dynamic_shifting") else 4
+
+
+def _default_size(vae_config):
+    sample = vae_config.get("sample_size", 1024)
+    return int(sample[0] if isinstance(sample, (list, tuple)) else sample)
+
+
+def _default_sequence_length(guidance_embeds, tokenizer_max_length):
+    return min(512 if guidance_embeds else 256, int(tokenizer_max_length))
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a FLUX.1 folder implies for a run, read from its config files without loading any weights."""
+    path: str
+    default_size: int
+    default_steps: int
+    default_sequence_length: int
+    tokenizer_max_length: int
+    size_multiple: int  # height and width must be multiples of this (2 x the VAE's scale factor)
+    num_blocks: int
+    guidance_embeds: bool
+
+
+def inspect_checkpoint(path):
+    """Check a diffusers-format FLUX.1 folder before loading it: every sub-folder, config file, tokenizer file
+    and safetensors header (a truncated file is named). CheckpointError naming the file and the reason."""
+    from models.checkpoint import StateDict, read_json, safetensors_header
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a folder" if os.path.exists(path)
+                              else f"checkpoint folder {path!r} does not exist")
+    missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
+    if missing:
+        raise CheckpointError(f"{path!r} is not a complete FLUX.1 checkpoint: missing sub-folder(s) {missing}")
+    sub = lambda *names: os.path.join(path, *names)  # noqa: E731
+    configs = {name: read_json(sub(name, "config.json")) for name in ("transformer", "vae", "text_encoder",
+                                                                         "text_encoder_2")}
+    scheduler = read_json(sub("scheduler", "scheduler_config.json"), "scheduler config")
+    for name, needed in (("tokenizer", (("vocab.json", "merges.txt"), ("tokenizer.json",))),
+                         ("tokenizer_2", (("spiece.model",), ("tokenizer.json",)))):
+        if not any(all(os.path.isfile(sub(name, f)) for f in files) for files in needed):
+            raise CheckpointError(f"tokenizer folder {sub(name)} lacks its files (expected "
+                                  + " or ".join(" + ".join(files) for files in needed) + ")")
+    tok_config = sub("tokenizer_2", "tokenizer_config.json")
+    tok_max = read_json(tok_config, "tokenizer config").get("model_max_length", 512) \
+        if os.path.exists(tok_config) else 512
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        for file in StateDict.weight_files(sub(name)):
+            safetensors_header(file)
+    t, v = configs["transformer"], configs["vae"]
+    return CheckpointInfo(
+        path=os.path.abspath(path), default_size=_default_size(v), default_steps=_default_steps(scheduler),
+        default_sequence_length=_default_sequence_length(t.get("guidance_embeds", False), min(tok_max, 512)),
+        tokenizer_max_length=int(min(tok_max, 512)),
+        size_multiple=2 * 2 ** (len(v.get("block_out_channels", (1, 1, 1, 1))) - 1),
+        num_blocks=int(t.get("num_layers", 19)) + int(t.get("num_single_layers", 38)),
+        guidance_embeds=bool(t.get("guidance_embeds", False)))
+
+
 class FluxPipeline:
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, transformer, vae, scheduler,
                  dtype=ms.float32, mode="graph"):
@@ -129,18 +192,17 @@ class FluxPipeline:
     @property
     def default_steps(self):
         """28 on FLUX.1-dev's resolution-shifted schedule (dev, and base models trained on it), 4 for schnell's."""
-        return 28 if self.scheduler.config.use_dynamic_shifting else 4
+        return _default_steps(self.scheduler.config)
 
     @property
     def default_size(self):
         """The VAE's sample_size: 1024 for FLUX.1, the training resolution of a small model."""
-        sample = self.vae.config.get("sample_size", 1024)
-        return int(sample[0] if isinstance(sample, (list, tuple)) else sample)
+        return _default_size(self.vae.config)
 
     @property
     def default_sequence_length(self):
         """512 tokens for dev, 256 for schnell, or less where the T5 tokenizer says its model was trained on less."""
-        return min(512 if self.is_dev else 256, int(self.tokenizer_2.model_max_length))
+        return _default_sequence_length(self.is_dev, self.tokenizer_2.model_max_length)
 
     def cache_policy(self, cache: CacheConfig, branch, batch, image_tokens, text_tokens):
         """The policy (and its compiled step) for one CFG branch and shape: built once, reset per call."""
@@ -209,6 +271,9 @@ class FluxPipeline:
         max_sequence_length = max_sequence_length or self.default_sequence_length
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in 1..512, got {max_sequence_length}")
+        for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         do_true_cfg = negative_prompt is not None and true_cfg_scale > 1
         if do_true_cfg:
             negative = _as_list(negative_prompt, "negative_prompt")
@@ -253,10 +318,15 @@ class FluxPipeline:
         timings["steps"] = step_times
         timings["denoise"] = float(sum(step_times))
 
+        latents_out = x.astype(ms.float32).asnumpy()
+        if not np.isfinite(latents_out).all():  # would decode to black or noise and look like a result
+            bad = int((~np.isfinite(latents_out).reshape(batch, -1)).any(axis=1).sum())
+            raise FloatingPointError(f"the denoised latents of {bad} of {batch} image(s) are not finite (NaN or "
+                                     f"inf; dtype {self.dtype}): nothing was decoded")
         if output_type == "latent":
             return PipelineOutput(x.asnumpy(), timings, stats)
         start = time.perf_counter()
-        images = self.decode_latents(x.astype(ms.float32).asnumpy(), height, width)
+        images = self.decode_latents(latents_out, height, width)
         timings["decode"] = time.perf_counter() - start
         if output_type == "pil":
             images = [Image.fromarray(im) for im in images]

@@ -53,3 +53,23 @@ def dev_pipeline(tiny_dev_checkpoint):
     from pipelines.flux_pipeline import FluxPipeline
 
     return FluxPipeline.from_pretrained(tiny_dev_checkpoint, mode="graph")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP model folder (no CLIP weights exist offline), with the real CLIP-L tokenizer files."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from eval.make_tiny_checkpoint import clip_tokenizer_dir
+
+    import torch
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=77),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+                        projection_dim=16)
+    path = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).eval().save_pretrained(path)
+    CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  CLIPTokenizer.from_pretrained(clip_tokenizer_dir())).save_pretrained(path)
+    return str(path)

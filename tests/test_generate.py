@@ -1,66 +1,217 @@
-"""The generation script end to end on the tiny checkpoint: files, metadata, resume, errors."""
+"""The generation command end to end on the tiny checkpoint: manifest, resume, shards, SIGKILL, mindone's flags."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
-from eval import generate
+from eval import generate, verify_run
 
-ARGS = ["--height", "32", "--width", "48", "--steps", "2", "--max-sequence-length", "8"]
+ARGS = ["--height", "32", "--width", "48", "--steps", "2", "--max-sequence-length", "8", "--no-progress"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_generates_and_resumes(tiny_dev_checkpoint, tmp_path, capsys):
+def records(out, name="manifest.jsonl"):
+    lines = [json.loads(line) for line in (out / name).read_text().splitlines()]
+    assert lines[0]["kind"] == "run"
+    return lines[0], lines[1:]
+
+
+def pictures(out):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+def test_generates_records_and_resumes(tiny_dev_checkpoint, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n\na red bicycle\na lighthouse\n")
     out = tmp_path / "out"
-    generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt-file", str(prompts), "--out", str(out),
-                   "--batch-size", "2", "--seed", "7"] + ARGS)
-    printed = capsys.readouterr().out
-    assert "s/step" in printed and "steady-state step time" in printed
-    files = sorted(p.name for p in out.glob("*.png"))
-    assert files == ["00000_0.png", "00001_0.png", "00002_0.png"]
-    assert Image.open(out / "00001_0.png").size == (48, 32)
-    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    assert [m["prompt"] for m in meta] == ["a photo of a cat", "a red bicycle", "a lighthouse"]
-    assert [m["seed"] for m in meta] == [7, 8, 9]
+    cmd = ["--checkpoint", tiny_dev_checkpoint, "--prompt-file", str(prompts), "--out", str(out),
+           "--batch-size", "2", "--seed", "7"] + ARGS
+    assert generate.main(cmd) == 0
+    assert sorted(pictures(out)) == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(out / "000001.png").size == (48, 32)
+    header, recs = records(out)
+    assert [r["prompt"] for r in recs] == ["a photo of a cat", "a red bicycle", "a lighthouse"]
+    assert [r["seed"] for r in recs] == [7, 8, 9]
+    assert header["settings"]["call"]["num_inference_steps"] == 2 and header["batch_size"] == 2
+    assert len(recs[0]["step_s"]) == 2 and recs[2]["batch_members"] == [2, 3]
 
-    # an interrupted run: remove one image; the rerun makes only that one, identical to the first time
-    first = (out / "00001_0.png").read_bytes()
-    (out / "00001_0.png").unlink()
-    generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt-file", str(prompts), "--out", str(out),
-                   "--seed", "7"] + ARGS)
-    assert "resuming: 2 of 3 prompts already done" in capsys.readouterr().out
-    assert (out / "00001_0.png").read_bytes() == first
-    assert len((out / "metadata.jsonl").read_text().splitlines()) == 4
-
-
-def test_cli_errors(tiny_dev_checkpoint, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no prompts"):
-        generate.main(["--checkpoint", tiny_dev_checkpoint, "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="does not exist"):
-        generate.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="prompt file"):
-        generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt-file", str(tmp_path / "none.txt"),
-                       "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        generate.main(["--help"])
-    assert "--checkpoint" in capsys.readouterr().out
+    # the manifest, not the file, says what is done: drop image 2's record, and it is made again, identically
+    first = (out / "000002.png").read_bytes()
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    (out / "000002.png").write_bytes(b"")  # a file that exists proves nothing
+    capsys.readouterr()
+    assert generate.main(cmd) == 0
+    assert "resuming: 2 image(s)" in capsys.readouterr().out
+    assert (out / "000002.png").read_bytes() == first
+    assert [r["index"] for r in records(out)[1]] == [0, 1, 2]
 
 
-def test_cache_flags_reach_the_pipeline(tiny_dev_checkpoint, tmp_path, capsys):
-    """mindone's example parsed --threshold and never passed it on: here it must change what runs."""
-    out = tmp_path / "cached"
-    generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt", "a cat", "--out", str(out),
-                   "--cache", "fbcache", "--threshold", "1.0"] + ARGS[:4] + ["--steps", "4"] + ARGS[6:])
-    printed = capsys.readouterr().out
-    assert "cache: fbcache (threshold 1)" in printed
-    assert "cond: C... " in printed  # threshold 1 reuses every step after the first
-    meta = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
-    assert meta["cache"]["method"] == "fbcache" and meta["cache"]["threshold"] == 1.0
+def test_other_settings_into_the_same_folder_are_refused(tiny_dev_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--checkpoint", tiny_dev_checkpoint, "--prompt", "a cat", "--out", str(out)] + ARGS
+    assert generate.main(base) == 0
+    before = pictures(out)
+    for other, what in ((["--seed", "3"], "jobs_sha256"), (["--guidance", "2"], "guidance_scale"),
+                        (["--cache", "fbcache"], "cache")):
+        assert generate.main(base + other) == 1
+        err = capsys.readouterr().err
+        assert "holds a run with other settings" in err and what in err
+    assert pictures(out) == before
 
 
-@pytest.mark.parametrize("flags,match", [(["--cache", "fbcache", "--threshold", "2"], "threshold"),
-                                         (["--cache", "taylorseer", "--interval", "0"], "interval")])
-def test_bad_cache_flags(tiny_dev_checkpoint, tmp_path, flags, match):
-    with pytest.raises(SystemExit, match=match):
-        generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt", "x", "--out", str(tmp_path)] + flags)
+def test_shards_and_resume_make_the_same_images(tiny_dev_checkpoint, tmp_path, capsys):
+    prompts = [f"prompt number {k}" for k in range(5)]
+    common = ["--checkpoint", tiny_dev_checkpoint, "--batch-size", "2", "--cache", "fbcache", "--threshold", "0.5",
+              "--prompt"] + prompts + ARGS[:-3] + ["--steps", "3", "--no-progress"]
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert generate.main(common + ["--out", str(whole)]) == 0
+    assert generate.main(common + ["--out", str(sharded), "--num-shards", "2", "--shard-index", "1"]) == 0
+    assert verify_run.main([str(sharded)]) == 1
+    assert "shard(s) [0] of 2 have no manifest" in capsys.readouterr().err
+    assert generate.main(common + ["--out", str(sharded), "--num-shards", "2", "--shard-index", "0"]) == 0
+    assert verify_run.main([str(sharded)]) == 0 and verify_run.main([str(whole)]) == 0
+    assert pictures(sharded) == pictures(whole)  # bit-identical, cache decisions included
+    _, shard0 = records(sharded, "manifest.shard-000-of-002.jsonl")
+    assert [r["index"] for r in shard0] == [0, 1, 4]  # batches 0 and 2; the last one padded to 2
+    assert set(shard0[0]["cache_pattern"]) == {"cond"} and shard0[0]["cache_pattern"]["cond"][0] == "C"
+
+
+KILL_DRIVER = r"""
+import json, os, signal, sys
+import pipelines.batch_generation as bg
+import pipelines.flux_pipeline as fp
+moment, at = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def now():
+    calls[0] += 1
+    return calls[0] == at
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if moment == "mid-step":
+    euler = fp.euler_step
+    def step(*a):
+        if now():
+            die()
+        return euler(*a)
+    fp.euler_step = step
+elif moment == "mid-png":
+    save = bg.save_png_atomic
+    def save_png(image, path):
+        if now():
+            with open(path + ".tmp", "wb") as f:
+                f.write(b"\x89PNG\r\n\x1a\n partial")
+            die()
+        save(image, path)
+    bg.save_png_atomic = save_png
+elif moment in ("before-record", "mid-record"):
+    append = bg.Manifest.append
+    def append_record(self, record):
+        if now():
+            if moment == "mid-record":
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record)[:40])
+            die()
+        append(self, record)
+    bg.Manifest.append = append_record
+from eval.generate import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_sigkill_at_any_moment_loses_and_duplicates_nothing(tiny_dev_checkpoint, tmp_path):
+    cmd = ["--checkpoint", tiny_dev_checkpoint, "--batch-size", "2", "--mode", "pynative",
+           "--prompt"] + [f"prompt {k}" for k in range(6)] + ARGS
+    reference = tmp_path / "reference"
+    assert generate.main(cmd + ["--out", str(reference)]) == 0
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    # killed: while denoising the second batch, while writing image 2, after renaming image 3 before its
+    # record, and half-way through image 4's record
+    for moment, at in (("mid-step", 3), ("mid-png", 1), ("before-record", 1), ("mid-record", 1)):
+        run = subprocess.run([sys.executable, "-c", KILL_DRIVER, moment, str(at)] + cmd + ["--out", str(out)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == -signal.SIGKILL, (moment, run.stderr[-2000:])
+        assert not any(p.stat().st_size == 0 for p in out.glob("*.png"))
+    assert generate.main(cmd + ["--out", str(out)]) == 0
+    assert verify_run.main([str(out)]) == 0
+    assert pictures(out) == pictures(reference)  # 0 lost, 0 unreadable, bit-identical
+    assert not list(out.glob("*.tmp"))
+    _, recs = records(out)
+    assert sorted(r["index"] for r in recs) == list(range(6))  # 0 duplicated
+
+
+def test_mindone_flags(tiny_dev_checkpoint, tmp_path):
+    """mindone's FBCache_ms command line runs unchanged; --taylorseer_derivative N is TaylorSeer order N."""
+    out = tmp_path / "mindone"
+    assert generate.main(["--ckpt", tiny_dev_checkpoint, "-p", "a cat", "a dog", "--image_size", "32", "48",
+                          "--save_path", str(out), "--residual_diff_threshold", "1.0", "--taylorseer_derivative",
+                          "1", "--use_graph_mode", "--guidance_scale", "4.5", "--steps", "4",
+                          "--max-sequence-length", "8", "--no-progress"]) == 0
+    header, recs = records(out)
+    call = header["settings"]["call"]
+    assert (call["height"], call["width"], call["guidance_scale"]) == (32, 48, 4.5)
+    assert call["cache"]["method"] == "fbcache_taylorseer" and call["cache"]["order"] == 1
+    assert call["cache"]["threshold"] == 1.0 and header["settings"]["mode"] == "graph"
+    assert recs[0]["cache_pattern"]["cond"] == "C..."  # threshold 1 reuses every step after the first
+    assert [r["prompt"] for r in recs] == ["a cat", "a dog"]
+
+
+def test_prompt_sources(tiny_dev_checkpoint, tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "seed": 42, "id": "x1"}\n\n{"prompt": "a dog", "negative_prompt": "blur"}\n')
+    out = tmp_path / "out"
+    assert generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt-file", str(jsonl), "--out", str(out),
+                          "--true-cfg-scale", "2", "--negative-prompt", "ugly", "--seed", "5"] + ARGS) == 0
+    _, recs = records(out)
+    assert [(r["seed"], r["negative_prompt"], r["extra"].get("id")) for r in recs] == \
+        [(42, "ugly", "x1"), (6, "blur", None)]
+
+    from eval.prompt_sources import load_prompts
+    tsv = tmp_path / "parti.tsv"
+    tsv.write_text("Prompt\tCategory\tChallenge\na red cube\tArtifacts\tBasic\n\nan owl\tAnimals\tFine\n")
+    items = load_prompts(str(tsv))
+    assert [(i.prompt, i.extra["Category"]) for i in items] == [("a red cube", "Artifacts"), ("an owl", "Animals")]
+    coco = tmp_path / "captions_val2017.json"
+    coco.write_text(json.dumps({"images": [{"id": 9, "file_name": "000000000009.jpg"},
+                                           {"id": 4, "file_name": "000000000004.jpg"}],
+                                "annotations": [{"id": 30, "image_id": 9, "caption": "later caption"},
+                                                {"id": 12, "image_id": 9, "caption": "A plate of food. "},
+                                                {"id": 7, "image_id": 4, "caption": "a bus"}]}))
+    items = load_prompts(str(coco))
+    assert [(i.prompt, i.extra["coco_file_name"], i.extra["coco_caption_id"]) for i in items] == \
+        [("a bus", "000000000004.jpg", 7), ("A plate of food.", "000000000009.jpg", 12)]
+    held = load_prompts("shapes-heldout")
+    assert len(held) == 700 and held[0].extra["heldout_index"] == 0
+
+
+def test_non_finite_latents_are_refused(dev_pipeline):
+    import numpy as np
+    latents = np.zeros((1, 6, 64), np.float32)
+    latents[0, 0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="1 of 1 image"):
+        dev_pipeline("x", height=32, width=48, num_inference_steps=1, max_sequence_length=8, latents=latents,
+                     progress=False)
+
+
+def test_msrun_ranks_choose_their_shard(monkeypatch, tiny_dev_checkpoint, tmp_path):
+    """Under msrun (MS_ROLE=MS_WORKER) the shard comes from mindspore.communication's rank and group size."""
+    import mindspore.communication as comm
+    from pipelines import batch_generation
+
+    assert batch_generation.msrun_shard({}) is None
+    calls = []
+    monkeypatch.setattr(comm, "init", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(comm, "get_rank", lambda *a: 1)
+    monkeypatch.setattr(comm, "get_group_size", lambda *a: 2)
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
+    assert batch_generation.msrun_shard() == (2, 1) and calls == ["init"]
+    out = tmp_path / "ranked"
+    assert generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt", "a", "b", "c", "--out", str(out)]
+                         + ARGS) == 0
+    header, recs = records(out, "manifest.shard-001-of-002.jsonl")
+    assert (header["num_shards"], header["shard_index"]) == (2, 1) and [r["index"] for r in recs] == [1]

@@ -55,3 +55,56 @@ def test_one_reference_scores_several_sets_as_separate_computations_would():
     fid = metrics.FrechetDistance(ref, batch_size=4)
     assert fid(a) == pytest.approx(metrics.frechet_distance(a, ref), rel=1e-6)
     assert fid(b) == pytest.approx(metrics.frechet_distance(b, ref), rel=1e-6)
+
+
+def test_clip_score_is_torchmetrics_clipscore(tiny_clip):
+    import torch
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)
+    prompts = ["a red circle", "a photo of a cat", "two dogs", "a blue square on grey", "text"]
+    score, raw = metrics.clip_score(images, prompts, tiny_clip, batch_size=2)
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
+        img = torch.nn.functional.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
+        txt = torch.nn.functional.normalize(model.get_text_features(input_ids=inputs["input_ids"],
+                                                                    attention_mask=inputs["attention_mask"]), dim=-1)
+    assert raw == pytest.approx((100 * (img * txt).sum(-1)).tolist(), abs=1e-3)
+    module = CLIPScore(model_name_or_path=lambda: (model, processor))
+    module.update(list(torch.from_numpy(images).permute(0, 3, 1, 2)), prompts)
+    assert score == pytest.approx(float(module.compute()), abs=1e-4)
+    assert score == pytest.approx(max(np.mean(raw), 0.0), abs=1e-6)
+
+    with pytest.raises(ValueError, match="5 pictures for 4 prompts"):
+        metrics.clip_score(images, prompts[:4], tiny_clip)
+    with pytest.raises(metrics.MetricsError, match="is not a folder"):
+        metrics.clip_score(images, prompts, tiny_clip + "-missing")
+
+
+def test_fid_reference_statistics_are_cached_by_file_list(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    real = tmp_path / "val2017"
+    real.mkdir()
+    for k, (h, w) in enumerate([(40, 60), (64, 64), (50, 30), (70, 45)]):  # photos come in any size
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(real / f"{k:012d}.jpg", quality=95)
+    fake = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    cache = tmp_path / "cache"
+    first = metrics.reference_fid(str(real), str(cache), batch_size=3, progress=False)(fake)
+    files = list(cache.glob("fid-reference-*.npz"))
+    assert len(files) == 1
+    second = metrics.reference_fid(str(real), str(cache), progress=False)  # from the cache: no pictures read
+    assert second(fake) == pytest.approx(first, rel=1e-9)
+    direct = metrics.frechet_distance(fake, [metrics.read_rgb(p) for p in metrics.image_files(str(real))],
+                                      batch_size=3)
+    assert direct == pytest.approx(first, rel=1e-9)
+    (real / "000000000000.jpg").unlink()  # another file list: another key
+    metrics.reference_fid(str(real), str(cache), progress=False)
+    assert len(list(cache.glob("fid-reference-*.npz"))) == 2
+    with pytest.raises(metrics.MetricsError, match="at least 2"):
+        metrics.image_files(str(tmp_path / "cache"))
