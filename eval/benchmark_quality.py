@@ -57,6 +57,11 @@ SETTINGS = {  # name -> CacheConfig arguments; "none" (uncached) is the referenc
     **{f"teacache-flux-{t}": dict(method="teacache", threshold=t) for t in (0.25, 0.4, 0.6, 0.8)},
     **{f"teacache-own-{t}": dict(method="teacache", threshold=t, calibration=OWN_CALIBRATION)
        for t in (0.25, 0.4, 0.6, 0.8)},
+    **{f"fbcache-0.08-fourier-{r}": dict(method="fbcache", threshold=0.08, fourier_ratio=r) for r in (0.25, 0.5, 0.75)},
+    "taylorseer-n5-o1-residual-fourier-0.5": dict(method="taylorseer", order=1, interval=5, warmup=3,
+                                                  variant="residual", fourier_ratio=0.5),
+    "fastcache-0.05-m0.5": dict(method="fastcache", threshold=0.05, alpha=0.05, motion_ratio=0.5),
+    "fastcache-0.05-m1": dict(method="fastcache", threshold=0.05, alpha=0.05, motion_ratio=1.0),
     "magcache-flux-0.06": dict(method="magcache", threshold=0.06),
     "magcache-own-0.06": dict(method="magcache", threshold=0.06, calibration=OWN_CALIBRATION),
     "magcache-own-0.12": dict(method="magcache", threshold=0.12, calibration=OWN_CALIBRATION),
@@ -172,7 +177,7 @@ def _signature(args, name, prompts):
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-BATCH_FORMAT = 2  # 2: per-step signals saved with each batch
+BATCH_FORMAT = 3  # 2: per-step signals saved with each batch; 3: cache state bytes
 
 
 def _save_atomic(path, **arrays):
@@ -210,8 +215,8 @@ def generate_all(args, scenes):
     prompts = [s.caption for s in scenes]
     starts = list(range(0, len(prompts), args.batch_size))
     pipe, decode, compiled = None, None, set()
-    results = {n: {"images": [], "denoise_s": [], "block_fraction": [], "patterns": [], "signals": [], "signature": []}
-               for n in args.names}
+    results = {n: {"images": [], "denoise_s": [], "block_fraction": [], "patterns": [], "signals": [], "signature": [],
+                   "state_bytes": []} for n in args.names}
     cfg = dict(negative_prompt="" if args.true_cfg_scale > 1 else None, true_cfg_scale=args.true_cfg_scale)
     bar = tqdm(total=len(starts) * len(args.names), desc="generating", unit="batch")
     for b, start in enumerate(starts):
@@ -242,7 +247,7 @@ def generate_all(args, scenes):
                           patterns=[stats.pattern() if stats else "C" * args.steps],
                           signals=np.array([[np.nan if c is None else c for c in stats.changes["cond"]]
                                             if stats else [np.nan] * args.steps], np.float64),
-                          signature=[sig])
+                          signature=[sig], state_bytes=[stats.state_bytes / len(batch) if stats else 0.0])
             _save_atomic(path, **{k: np.asarray(v) for k, v in record.items()})
             for k, v in record.items():
                 results[name][k].append(v)
@@ -252,6 +257,7 @@ def generate_all(args, scenes):
         r["images"] = np.concatenate(r["images"])
         r["denoise_s"] = [x for xs in r["denoise_s"] for x in xs]
         r["block_fraction"] = [x for xs in r["block_fraction"] for x in xs]
+        r["state_bytes"] = [x for xs in r["state_bytes"] for x in xs]
         r["patterns"] = [x for xs in r["patterns"] for x in xs]
         r["signals"] = np.concatenate(r["signals"])  # [batches, steps]: the signal each batch's cache read
         r["signature"] = hashlib.sha256("".join(np.ravel(r["signature"]).tolist()).encode()).hexdigest()[:16]
@@ -297,6 +303,7 @@ def score(args, scenes, results):
             denoise_s_per_image=per_image, speedup=(sum(ref["denoise_s"]) / n) / per_image,
             ideal_speedup=1 / float(np.mean(r["block_fraction"])),
             steps_computed=float(np.mean([p.count("C") for p in patterns])),
+            state_kib_per_image=float(np.mean(r["state_bytes"])) / 1024,
             common_pattern=max(set(patterns), key=patterns.count), psnr=saved["psnr"], ssim=saved["ssim"],
             fid=saved.get("fid"), clip_score=saved.get("clip_score"), adherence=saved["adherence"]))
     return rows
@@ -313,8 +320,8 @@ def markdown(args, rows):
              f"{args.batch_size}, true CFG {args.true_cfg_scale:g}, graph mode, fp32, {args.decoder} VAE decoder. Adherence in %: one-object "
              "all / colour / shape / position / size, two-object all.", "",
              "| setting | s/image (denoise) | measured speedup | ideal speedup | steps computed | one-object all | "
-             "colour | shape | position | size | two-object all | PSNR dB | SSIM | FID | CLIP | usual pattern |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "colour | shape | position | size | two-object all | PSNR dB | SSIM | FID | CLIP | cache state KiB/image | "
+             "usual pattern |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["adherence"]
         lines.append(
@@ -323,7 +330,8 @@ def markdown(args, rows):
             f"{_pct(a, 'one object', 'shape')} | {_pct(a, 'one object', 'position')} | {_pct(a, 'one object', 'size')} | "
             f"{_pct(a, 'two objects', 'all')} | {r['psnr']:.1f} | {r['ssim']:.4f} | "
             f"{'-' if r['fid'] is None else format(r['fid'], '.2f')} | "
-            f"{'-' if r.get('clip_score') is None else format(r['clip_score'], '.2f')} | `{r['common_pattern']}` |")
+            f"{'-' if r.get('clip_score') is None else format(r['clip_score'], '.2f')} | "
+            f"{r['state_kib_per_image']:.0f} | `{r['common_pattern']}` |")
     return "\n".join(lines)
 
 

@@ -28,6 +28,14 @@ def add_cache_arguments(parser):
     g.add_argument("--max-skip", type=int, default=3, help="MagCache: most reused steps in a row (default 3)")
     g.add_argument("--retention", type=float, default=0.2,
                    help="MagCache: fraction of the first steps that always compute (default 0.2)")
+    g.add_argument("--fourier-ratio", type=float, default=1.0,
+                   help="FBCache / DBCache / TaylorSeer residual: keep the cached image residual as the low-frequency "
+                        "block of its 2-D FFT over the token grid, this fraction of each axis' frequencies "
+                        "(default 1: uncompressed)")
+    g.add_argument("--alpha", type=float, default=0.05,
+                   help="FastCache: level of its chi-square test (default 0.05; larger: fewer reused steps)")
+    g.add_argument("--motion-ratio", type=float, default=0.5,
+                   help="FastCache: fraction of image tokens recomputed on a computed step (default 0.5; 1 = all)")
     return g
 
 
@@ -35,4 +43,5 @@ def cache_config_from_args(args):
     """CacheConfig from parsed arguments; raises ValueError with the reason for bad values."""
     return CacheConfig(method=args.cache, threshold=args.threshold, order=args.order, interval=args.interval,
                        warmup=args.warmup, variant=args.taylor_variant, fn=args.fn, bn=args.bn,
-                       calibration=args.calibration, max_skip=args.max_skip, retention=args.retention)
+                       calibration=args.calibration, max_skip=args.max_skip, retention=args.retention,
+                       fourier_ratio=args.fourier_ratio, alpha=args.alpha, motion_ratio=args.motion_ratio)

@@ -43,7 +43,12 @@ class CachePolicy(CacheState):
         super().__init__()
         self.transformer = transformer
 
-    def blocks_run(self, computed):
+    def state_bytes(self):
+        """Bytes of cache state this policy holds (its Parameters, the model's excluded)."""
+        skip = tuple(f"{child}." for child in self.not_state)
+        return sum(p.size * p.itemsize for name, p in self.parameters_and_names() if not name.startswith(skip))
+
+    def blocks_run(self, computed, step=0):
         """Transformer blocks that ran at a step, from the step's `computed` flag."""
         return self.transformer.num_blocks if computed else self.blocks_on_reuse
 

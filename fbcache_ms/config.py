@@ -5,17 +5,18 @@ from dataclasses import asdict, dataclass
 
 from fbcache_ms import calibration as calib
 
-METHODS = ("none", "fbcache", "taylorseer", "fbcache_taylorseer", "teacache", "magcache")
+METHODS = ("none", "fbcache", "taylorseer", "fbcache_taylorseer", "teacache", "magcache", "fastcache")
 TAYLOR_VARIANTS = ("per_module", "residual")
 MAX_ORDER = 4
 # FLUX.1-dev defaults of each method's own signal (they mean different things: see each method's file)
-DEFAULT_THRESHOLDS = {"fbcache": 0.08, "fbcache_taylorseer": 0.08, "teacache": 0.4, "magcache": 0.06}
+DEFAULT_THRESHOLDS = {"fbcache": 0.08, "fbcache_taylorseer": 0.08, "teacache": 0.4, "magcache": 0.06,
+                      "fastcache": 0.05}
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """
-    method:      none | fbcache | taylorseer | fbcache_taylorseer | teacache | magcache
+    method:      none | fbcache | taylorseer | fbcache_taylorseer | teacache | magcache | fastcache
     threshold:   the method's skip threshold (default: its FLUX.1-dev default, DEFAULT_THRESHOLDS).
                  FBCache: relative-L1 change of the first blocks' residual, in [0, 1] (0 never reuses);
                  TeaCache: accumulated rescaled input change; MagCache: accumulated magnitude error
@@ -34,6 +35,13 @@ class CacheConfig:
                  (default: FLUX.1-dev's published ones; `python -m eval.calibrate_cache` writes one)
       max_skip:  MagCache: at most this many reused steps in a row
       retention: MagCache: the first round(retention * steps) steps always compute
+    FastCache (fastcache.py):
+      threshold: b0 of the adaptive noise scale tau (FastCache's default 0.05)
+      alpha:     level of the chi-square test: a step is reused when its change is not significant at alpha
+      motion_ratio: fraction of image tokens that run on a computed step (the most changed); 1 = all
+    Fourier storage (fbcache, fbcache_taylorseer, taylorseer's residual variant):
+      fourier_ratio: the cached image residual is kept as the low-frequency block of its 2-D FFT over the
+                 token grid, |u|, v <= ratio x (grid / 2) (fourier.py); 1 stores it uncompressed
     """
     method: str = "none"
     threshold: float = None
@@ -46,6 +54,9 @@ class CacheConfig:
     calibration: str = None
     max_skip: int = 3
     retention: float = 0.2
+    fourier_ratio: float = 1.0
+    alpha: float = 0.05
+    motion_ratio: float = 0.5
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -77,6 +88,19 @@ class CacheConfig:
             raise ValueError(f"max_skip must be an integer >= 1, got {self.max_skip!r}")
         if not (isinstance(self.retention, (int, float)) and 0.0 <= self.retention <= 1.0):
             raise ValueError(f"retention must be in [0, 1], got {self.retention!r}")
+        if not (isinstance(self.fourier_ratio, (int, float)) and 0.0 < self.fourier_ratio <= 1.0):
+            raise ValueError(f"fourier_ratio must be in (0, 1], got {self.fourier_ratio!r}")
+        object.__setattr__(self, "fourier_ratio", float(self.fourier_ratio))
+        if self.fourier_ratio < 1 and not self.compressible:
+            raise ValueError(f"fourier_ratio < 1 compresses a cached residual: it applies to fbcache, "
+                             f"fbcache_taylorseer and taylorseer's residual variant, not {self.method}"
+                             + (" (per_module)" if self.method == "taylorseer" else ""))
+        if not (isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0):
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}")
+        if not (isinstance(self.motion_ratio, (int, float)) and 0.0 < self.motion_ratio <= 1.0):
+            raise ValueError(f"motion_ratio must be in (0, 1], got {self.motion_ratio!r}")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite, got {self.threshold}")
         if self.method in ("teacache", "magcache"):
             if self.calibration is None:
                 object.__setattr__(self, "calibration", calib.FLUX_DEV)
@@ -86,6 +110,11 @@ class CacheConfig:
     @property
     def uses_fbcache(self):
         return self.method in ("fbcache", "fbcache_taylorseer")
+
+    @property
+    def compressible(self):
+        """Methods whose cached image residual can be Fourier-compressed."""
+        return self.uses_fbcache or (self.method == "taylorseer" and self.variant == "residual")
 
     @property
     def uses_taylor(self):
@@ -104,7 +133,7 @@ class CacheConfig:
     @property
     def structure(self):
         """What decides the policy cell's graph (thresholds and calibrations do not: they are tensors)."""
-        return self.method, self.order, self.variant, self.fn, self.bn
+        return self.method, self.order, self.variant, self.fn, self.bn, self.fourier_ratio, self.motion_ratio
 
     def describe(self):
         if self.method == "none":
@@ -122,6 +151,10 @@ class CacheConfig:
             parts.append(f"calibration {os.path.basename(self.calibration)}")
         if self.method == "magcache":
             parts.append(f"max_skip {self.max_skip}, retention {self.retention:g}")
+        if self.method == "fastcache":
+            parts.append(f"alpha {self.alpha:g}, motion ratio {self.motion_ratio:g}")
+        if self.fourier_ratio < 1:
+            parts.append(f"Fourier ratio {self.fourier_ratio:g}")
         return f"{self.method} ({'; '.join(parts)})"
 
     def to_dict(self):

@@ -5,17 +5,20 @@ The first `fn` blocks always run; the relative L1 change of their image residual
 at the last fully computed step is the signal. Hit (change < threshold, never at step 0 or before a first
 full step): the middle blocks are replaced by the residuals they added at the last miss (or their Taylor
 forecast); the last `bn` blocks still run on top. Miss: everything runs and the residuals are stored.
-fn=1, bn=0 is FBCache, the same operations as before the generalisation.
+fn=1, bn=0 is FBCache, the same operations as before the generalisation. With `fourier` the stored image
+residual is kept as its low-frequency Fourier block over the token grid (fourier.py); the decision reference
+(prev_r1) stays exact, so compression changes what is reused, never when.
 """
 import mindspore as ms
 from mindspore import ops
 
 from fbcache_ms.base import CachePolicy, relative_l1, signal_where
+from fbcache_ms.fourier import FourierFeature, FourierTaylorFeature
 from fbcache_ms.state import Feature, TaylorFeature
 
 
 class FBCache(CachePolicy):
-    def __init__(self, transformer, batch, image_tokens, text_tokens, order=None, fn=1, bn=0):
+    def __init__(self, transformer, batch, image_tokens, text_tokens, order=None, fn=1, bn=0, fourier=None):
         super().__init__(transformer)
         total = transformer.num_blocks
         if not (fn >= 1 and bn >= 0 and fn + bn < total):
@@ -26,10 +29,14 @@ class FBCache(CachePolicy):
         img, txt = (batch, image_tokens, dim), (batch, text_tokens, dim)
         self.prev_r1 = Feature(img, dtype, "prev_r1")
         self.use_taylor = order is not None
+        # fourier = (grid, ratio): the image residual is kept compressed (fourier.py); text tokens have no grid
         if self.use_taylor:
-            self.res_h, self.res_e = TaylorFeature(img, dtype, order, "res_h"), TaylorFeature(txt, dtype, order, "res_e")
+            self.res_h = FourierTaylorFeature(img, dtype, order, *fourier, "res_h") if fourier \
+                else TaylorFeature(img, dtype, order, "res_h")
+            self.res_e = TaylorFeature(txt, dtype, order, "res_e")
         else:
-            self.res_h, self.res_e = Feature(img, dtype, "res_h"), Feature(txt, dtype, "res_e")
+            self.res_h = FourierFeature(img, dtype, *fourier, "res_h") if fourier else Feature(img, dtype, "res_h")
+            self.res_e = Feature(txt, dtype, "res_e")
         self.filled = ms.Parameter(ms.Tensor(False), name="filled", requires_grad=False)  # a miss has stored
 
     def step_inputs(self, cache, i, num_steps):

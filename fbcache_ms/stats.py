@@ -7,12 +7,13 @@ class CacheStats:
     method: str
     total_blocks: int  # blocks of a full step
     computed: dict = field(default_factory=dict)  # branch -> [bool per step]
-    blocks_run: dict = field(default_factory=dict)  # branch -> [int per step]
+    blocks_run: dict = field(default_factory=dict)  # branch -> [blocks per step; fractional: token-reduced steps]
     changes: dict = field(default_factory=dict)  # branch -> [FBCache relative change per step, None if none]
+    state_bytes: int = 0  # bytes of cache state held (all branches, the whole batch)
 
     def record(self, branch, computed, blocks, change=None):
         self.computed.setdefault(branch, []).append(bool(computed))
-        self.blocks_run.setdefault(branch, []).append(int(blocks))
+        self.blocks_run.setdefault(branch, []).append(float(blocks))
         self.changes.setdefault(branch, []).append(None if change is None or change < 0 else float(change))
 
     def pattern(self, branch="cond"):
@@ -32,4 +33,5 @@ class CacheStats:
         lines = [f"{branch}: {self.pattern(branch)}  {self.hits(branch)}/{len(flags)} steps reused"
                  for branch, flags in self.computed.items()]
         lines.append(f"blocks run: {self.block_fraction():.1%} of uncached")
+        lines.append(f"cache state: {self.state_bytes / 2 ** 20:.2f} MiB")
         return "; ".join(lines)

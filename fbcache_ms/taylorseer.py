@@ -5,6 +5,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from fbcache_ms.base import CachePolicy, no_signal
+from fbcache_ms.fourier import FourierTaylorFeature
 from fbcache_ms.state import TaylorFeature
 
 
@@ -16,7 +17,7 @@ class TaylorSeer(CachePolicy):
     residual: one forecast per stream of the whole block stack's residual.
     """
 
-    def __init__(self, transformer, batch, image_tokens, text_tokens, order, variant):
+    def __init__(self, transformer, batch, image_tokens, text_tokens, order, variant, fourier=None):
         super().__init__(transformer)
         cfg, dtype = transformer.config, transformer.dtype
         dim = cfg.dim
@@ -32,7 +33,8 @@ class TaylorSeer(CachePolicy):
             self.ff_ctx = features(txt, "ff_ctx", cfg.num_layers)
             self.single = features(joint, "single", cfg.num_single_layers)
         else:
-            self.res_h = TaylorFeature(img, dtype, order, "res_h")
+            self.res_h = FourierTaylorFeature(img, dtype, order, *fourier, "res_h") if fourier \
+                else TaylorFeature(img, dtype, order, "res_h")
 
     def step_inputs(self, cache, i, num_steps):
         return ms.Tensor(float(i), ms.float32), ms.Tensor(cache.is_full_step(i))

@@ -204,11 +204,12 @@ class FluxPipeline:
         """512 tokens for dev, 256 for schnell, or less where the T5 tokenizer says its model was trained on less."""
         return _default_sequence_length(self.is_dev, self.tokenizer_2.model_max_length)
 
-    def cache_policy(self, cache: CacheConfig, branch, batch, image_tokens, text_tokens):
-        """The policy (and its compiled step) for one CFG branch and shape: built once, reset per call."""
-        key = (branch, *cache.structure, batch, image_tokens, text_tokens)
+    def cache_policy(self, cache: CacheConfig, branch, batch, image_tokens, text_tokens, grid=None):
+        """The policy (and its compiled step) for one CFG branch and shape: built once, reset per call.
+        grid: (rows, columns) of the image tokens (default square)."""
+        key = (branch, *cache.structure, batch, image_tokens, text_tokens, grid)
         if key not in self._policies:
-            policy = make_policy(cache, self.transformer, batch, image_tokens, text_tokens)
+            policy = make_policy(cache, self.transformer, batch, image_tokens, text_tokens, grid)
             self._policies[key] = (policy, _compiled(policy.construct, self.mode))
         return self._policies[key]
 
@@ -242,13 +243,15 @@ class FluxPipeline:
 
     def __call__(self, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=3.5,
                  seed=None, generator=None, num_images_per_prompt=1, negative_prompt=None, true_cfg_scale=1.0,
-                 max_sequence_length=None, latents=None, output_type="pil", progress=True, cache=None):
+                 max_sequence_length=None, latents=None, output_type="pil", progress=True, cache=None,
+                 step_callback=None):
         """Generate images.
 
         prompt: str or list of str. seed: int (or None for fresh noise); generator: a numpy Generator or one per
         image. latents: packed initial noise [B, tokens, 4*C] (as diffusers takes it). True CFG runs when a
         negative_prompt is given and true_cfg_scale > 1. output_type: "pil", "np" (uint8 [B,H,W,3]) or "latent".
         cache: a CacheConfig (fbcache_ms.config); None or method "none" runs the uncached model.
+        step_callback(i, latents): called after step i with the packed latents (an analysis hook; not timed).
         Defaults: height and width `default_size`, steps `default_steps`, max_sequence_length
         `default_sequence_length`.
         """
@@ -300,7 +303,8 @@ class FluxPipeline:
         branches = {"cond": (embeds, pooled)}
         if do_true_cfg:
             branches["uncond"] = (neg_embeds, neg_pooled)
-        predict, stats = self._predictors(cache, branches, x.shape[1], max_sequence_length, len(timesteps))
+        predict, stats = self._predictors(cache, branches, x.shape[1], max_sequence_length, len(timesteps),
+                                          (grid_h // 2, grid_w // 2))
 
         step_times = []
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
@@ -315,6 +319,8 @@ class FluxPipeline:
             x = euler_step(x, v, sigmas[i], sigmas[i + 1])
             x.asnumpy()  # wait for the step, so the timing is real
             step_times.append(time.perf_counter() - start)
+            if step_callback is not None:
+                step_callback(i, x)
         timings["steps"] = step_times
         timings["denoise"] = float(sum(step_times))
 
@@ -339,7 +345,7 @@ class FluxPipeline:
         shift = self.vae.shift_factor or 0.0
         return to_uint8_images(self._decode(ms.Tensor(grid / self.vae.scaling_factor + shift, self.dtype)))
 
-    def _predictors(self, cache, branches, image_tokens, text_tokens, num_steps):
+    def _predictors(self, cache, branches, image_tokens, text_tokens, num_steps, grid=None):
         """-> (predict(branch, step_index, x, timestep, img_ids, txt_ids, guidance) -> velocity, stats)."""
         if cache.method == "none":
             def predict(branch, i, x, timestep, img_ids, txt_ids, guidance):
@@ -347,16 +353,17 @@ class FluxPipeline:
             return predict, None
 
         batch = branches["cond"][0].shape[0]
-        policies = {b: self.cache_policy(cache, b, batch, image_tokens, text_tokens) for b in branches}
+        policies = {b: self.cache_policy(cache, b, batch, image_tokens, text_tokens, grid) for b in branches}
         for policy, _ in policies.values():
             policy.reset()  # in place: the compiled graph keeps these very Parameters
-        stats = CacheStats(cache.method, self.transformer.num_blocks)
+        stats = CacheStats(cache.method, self.transformer.num_blocks,
+                           state_bytes=sum(policy.state_bytes() for policy, _ in policies.values()))
 
         def predict(branch, i, x, timestep, img_ids, txt_ids, guidance):
             policy, step = policies[branch]
             v, computed, signal = step(x, *branches[branch], timestep, img_ids, txt_ids, guidance,
                                        *policy.step_inputs(cache, i, num_steps))
             computed = bool(computed.asnumpy())
-            stats.record(branch, computed, policy.blocks_run(computed), float(signal.asnumpy()))
+            stats.record(branch, computed, policy.blocks_run(computed, i), float(signal.asnumpy()))
             return v
         return predict, stats

@@ -128,8 +128,11 @@ class ReferenceCache:
     """One CFG branch's cache state and decisions, written from the specification in plain torch/numpy."""
 
     def __init__(self, method, threshold=0.0, order=1, interval=5, warmup=3, variant="per_module", fn=1, bn=0,
-                 steps=None, coefficients=None, ratios=None, max_skip=3, retention=0.2):
+                 steps=None, coefficients=None, ratios=None, max_skip=3, retention=0.2, fourier_ratio=1.0, grid=None,
+                 alpha=0.05, motion_ratio=1.0):
         self.method, self.threshold, self.order = method, threshold, order
+        self.fourier_ratio, self.grid = fourier_ratio, grid
+        self.alpha, self.motion_ratio, self.prev_h = alpha, motion_ratio, None
         self.interval, self.warmup, self.variant = interval, warmup, variant
         self.fn, self.bn, self.steps = fn, bn, steps
         self.coefficients, self.ratios, self.max_skip, self.retention = coefficients, ratios, max_skip, retention
@@ -146,6 +149,20 @@ class ReferenceCache:
     def _forecast(self, key, step, like):
         value = newton_forecast(self.history[key], step, self.order)
         return torch.from_numpy(value).to(like.dtype)
+
+    def _lowpass(self, x):
+        """Fourier storage: what survives of an image-token tensor [B, h*w, D] when only the low-frequency block
+        of its rFFT2 over the token grid is kept (the forecast is linear, so low-passing it equals forecasting
+        from low-passed factors)."""
+        if self.fourier_ratio >= 1:
+            return x
+        h, w = self.grid
+        ku, kv = int(self.fourier_ratio * h / 2), int(self.fourier_ratio * w / 2)
+        spectrum = torch.fft.rfft2(x.double().reshape(x.shape[0], h, w, -1), dim=(1, 2))
+        u = torch.arange(h)
+        keep = (torch.minimum(u, h - u) <= ku)[:, None] & (torch.arange(w // 2 + 1) <= kv)[None, :]
+        out = torch.fft.irfft2(spectrum * keep[None, :, :, None], s=(h, w), dim=(1, 2))
+        return out.reshape(x.shape).to(x.dtype)
 
     def is_full(self, step):
         return step < self.warmup or (step - self.warmup) % self.interval == 0
@@ -176,9 +193,39 @@ class ReferenceCache:
         self.ratio, self.error, self.skipped = 1.0, 0.0, 0
         return False
 
+    def _fastcache(self, flux, step, h, e, temb, rope):
+        """FastCache as fbcache_ms/fastcache.py states it: chi-square skip at level alpha with the adaptive
+        scale tau (exact chi-square quantile here), top-k motion tokens with their RoPE rows, the rest reusing."""
+        from scipy.stats import chi2
+        x = h.double()
+        n_tok = x.shape[1]
+        if self.prev_h is not None and step > 0:
+            change = x - self.prev_h
+            delta = float(torch.sqrt((change ** 2).sum() / (self.prev_h ** 2).sum()))
+            per_token = torch.sqrt((change ** 2).sum(-1) / (self.prev_h ** 2).sum(-1))
+            tau = max(self.threshold + 0.5 * float(per_token.var(unbiased=False)) - 0.002 * step + 5e-5 * step ** 2, 0.0)
+            self.changes.append(delta)
+            if delta ** 2 <= tau ** 2 * chi2.ppf(1 - self.alpha, n_tok) / n_tok:
+                return flux.head(h + self.residual, temb), False
+            if self.motion_ratio < 1:
+                k = max(1, math.ceil(self.motion_ratio * n_tok))
+                idx = torch.topk((change ** 2).sum(-1).sum(0), k).indices
+                txt = e.shape[1]
+                rope_k = tuple(torch.cat([r[:txt], r[txt:][idx]]) for r in rope)
+                hf, _ = flux.blocks_from(0, h[:, idx], e, temb, rope_k)
+                self.residual = self.residual.clone()
+                self.residual[:, idx] = hf - h[:, idx]
+                self.prev_h = x
+                return flux.head(h + self.residual, temb), True
+        hf, _ = flux.blocks_from(0, h, e, temb, rope)
+        self.residual, self.prev_h = hf - h, x
+        return flux.head(hf, temb), True
+
     def step(self, flux, step, *inputs):
         """-> (velocity, computed)."""
         h, e, temb, rope = flux.embed(*inputs)
+        if self.method == "fastcache":
+            return self._fastcache(flux, step, h, e, temb, rope)
         if self.method in ("teacache", "magcache"):
             if self._skip_whole_stack(flux, step, h, e, temb, rope):
                 return flux.head(h + self.residual, temb), False
@@ -195,7 +242,7 @@ class ReferenceCache:
                 hit = self.changes[-1] < self.threshold
             if hit:
                 taylor = self.method == "fbcache_taylorseer"
-                hm = h0 + (self._forecast("res", step, h0) if taylor else self.residual)
+                hm = h0 + self._lowpass(self._forecast("res", step, h0) if taylor else self.residual)
                 em = e0 + (self._forecast("res_e", step, e0) if taylor else self.residual_e)
                 hf, _ = flux.blocks(mid_stop, flux.num_blocks, hm, em, temb, rope)
                 return flux.head(hf, temb), False
@@ -212,7 +259,7 @@ class ReferenceCache:
                 hf, _ = flux.blocks_from(0, h, e, temb, rope)
                 self._remember("res", step, hf - h)
             else:
-                hf = h + self._forecast("res", step, h)
+                hf = h + self._lowpass(self._forecast("res", step, h))
             return flux.head(hf, temb), full
 
         def outputs(key, compute):

@@ -255,9 +255,9 @@ def test_fp16_cache_state_has_model_dtype(tiny_dev_checkpoint):
 def test_cache_state_allocated_once_per_shape(dev_pipeline):
     cache = CacheConfig("fbcache", threshold=0.35)
     dev_pipeline("a cat", latents=_latents(), cache=cache, **CALL)
-    policy = dev_pipeline.cache_policy(cache, "cond", 1, 16, 16)[0]
+    policy = dev_pipeline.cache_policy(cache, "cond", 1, 16, 16, (4, 4))[0]
     dev_pipeline("a dog", latents=_latents(seed=9), cache=CacheConfig("fbcache", threshold=0.5), **CALL)
-    assert dev_pipeline.cache_policy(cache, "cond", 1, 16, 16)[0] is policy
+    assert dev_pipeline.cache_policy(cache, "cond", 1, 16, 16, (4, 4))[0] is policy
 
 
 def test_pipeline_rejects_non_config(dev_pipeline):

@@ -1,0 +1,116 @@
+"""FastCache: a statistical whole-stack skip plus spatial token reduction, with static shapes for graph mode.
+
+Reference tensor: the image tokens entering the block stack (after the embedding), H_last, kept from the last
+computed step; every comparison is of that same tensor at that same place.
+
+Step skip. delta = ||H_t - H_last||_F / ||H_last||_F. Noise model: if nothing but noise of relative size tau
+per image token changed since the last computed step, N * delta^2 / tau^2 follows a chi-square with N degrees of
+freedom (one per image token: a token's channels move together, so they are not independent). The step reuses
+the stack's residual when that cannot be rejected at level alpha:
+
+    delta^2 <= tau^2 * chi2_{N, 1 - alpha} / N
+
+tau is the adaptive threshold tau = b0 + b1 * S_var + b2 * t + b3 * t^2 (t the step index, S_var the variance
+over tokens of the per-token relative change), FastCache's published (b1, b2, b3) = (0.5, -0.002, 5e-5), and b0
+the user's threshold (published 0.01 would make tau negative in the middle of a 28-step run: nothing would
+ever be reused; FastCache's own default threshold, 0.05, takes its place). tau is floored at 0. Step 0 always
+computes. The earlier code this comes from used the bound chi2_{ND, 1-alpha} / ND ~ 1.0004 on an unscaled
+change: vacuous; here the scale is tau and alpha moves the hit rate (a test shows it).
+
+Token reduction on a computed step (after the first): saliency S_i = ||H_t[i] - H_last[i]||^2 summed over the
+batch (one selection per batch, as every decision here); the top k = ceil(motion_ratio * N) tokens run through
+the whole stack with all text tokens and their own RoPE rows; the other (static) tokens get identity + their
+residual from the last step they ran; the computed tokens are scattered back in place. motion_ratio 1 runs
+every token.
+"""
+import math
+
+import mindspore as ms
+from mindspore import ops
+
+from fbcache_ms.base import WholeStackCache, signal_where
+from fbcache_ms.state import Feature, _buffer
+
+TAU_COEFFICIENTS = (0.5, -0.002, 5e-5)  # FastCache's published b1, b2, b3
+EPS = 1e-8
+
+
+def chi2_bound(n, alpha):
+    """chi2_{n, 1 - alpha} / n (scipy, a MindSpore dependency; computed on the host, passed as a tensor)."""
+    from scipy.stats import chi2
+    return float(chi2.ppf(1 - alpha, n) / n)
+
+
+def motion_tokens(image_tokens, motion_ratio):
+    return max(1, min(image_tokens, math.ceil(motion_ratio * image_tokens)))
+
+
+class FastCache(WholeStackCache):
+    def __init__(self, transformer, batch, image_tokens, text_tokens, motion_ratio):
+        super().__init__(transformer, batch, image_tokens)
+        self.k = motion_tokens(image_tokens, motion_ratio)
+        self.reduce = self.k < image_tokens
+        self.text_tokens, self.image_tokens = text_tokens, image_tokens
+        self.prev_h = Feature(self.residual.value.shape, transformer.dtype, "prev_stack_input")
+        self.filled = _buffer((), ms.bool_, "filled")
+
+    def step_inputs(self, cache, i, num_steps):
+        return (ms.Tensor(float(i), ms.float32), ms.Tensor(cache.threshold, ms.float32),
+                ms.Tensor(chi2_bound(self.image_tokens, cache.alpha), ms.float32))
+
+    def blocks_run(self, computed, step=0):
+        """Token-proportional cost: a reduced step runs every block on (text + k) of (text + N) tokens."""
+        if not computed:
+            return 0
+        share = 1.0 if step == 0 or not self.reduce else \
+            (self.text_tokens + self.k) / (self.text_tokens + self.image_tokens)
+        return self.transformer.num_blocks * share
+
+    def _full_stack(self, h, e, temb, cos, sin):
+        h_out, _ = self.transformer.run_blocks(h, e, temb, cos, sin)
+        self.residual.store(h_out - h)
+        return h_out
+
+    def _reduced_stack(self, h, e, temb, cos, sin, saliency):
+        """Run the top-k salient image tokens (and all text tokens) through the stack; the rest reuse."""
+        _, idx = ops.topk(saliency, self.k)  # [k]
+        idx = idx.astype(ms.int32)
+        h_motion = ops.gather(h, idx, 1)
+        txt = self.text_tokens
+        cos_k = ops.cat([cos[:txt], ops.gather(cos[txt:], idx, 0)], axis=0)
+        sin_k = ops.cat([sin[:txt], ops.gather(sin[txt:], idx, 0)], axis=0)
+        out_motion, _ = self.transformer.run_blocks(h_motion, e, temb, cos_k, sin_k)
+        # scatter back: one-hot [N, k] columns place the k computed tokens; the others keep their residual
+        place = (ops.arange(self.image_tokens, dtype=ms.int32).reshape(-1, 1) == idx.reshape(1, -1)).astype(h.dtype)
+        moved = place.sum(axis=1).reshape(1, -1, 1)
+        residual = self.residual.value * (1 - moved) + ops.matmul(place, out_motion - h_motion)
+        self.residual.store(residual)
+        return h + residual
+
+    def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                  guidance, step, threshold, chi2_over_n):
+        t = self.transformer
+        h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                       img_ids, txt_ids, guidance)
+        prev = self.prev_h.value.astype(ms.float32)
+        change = h.astype(ms.float32) - prev
+        delta = ops.sqrt((change ** 2).sum() / ((prev ** 2).sum() + EPS))
+        per_token = ops.sqrt((change ** 2).sum(axis=-1) / ((prev ** 2).sum(axis=-1) + EPS))  # [B, N]
+        spread = ((per_token - per_token.mean()) ** 2).mean()
+        tau = ops.maximum(threshold + TAU_COEFFICIENTS[0] * spread + TAU_COEFFICIENTS[1] * step
+                          + TAU_COEFFICIENTS[2] * step * step, 0.0)
+        has_signal = self.filled & (step > 0)  # read before a branch below stores
+        skip = has_signal & (delta * delta <= tau * tau * chi2_over_n)
+        if skip:
+            h_out = h + self.residual.value
+        else:
+            if self.reduce:
+                if self.filled:
+                    h_out = self._reduced_stack(h, e, temb, cos, sin, (change ** 2).sum(axis=-1).sum(axis=0))
+                else:
+                    h_out = self._full_stack(h, e, temb, cos, sin)
+            else:
+                h_out = self._full_stack(h, e, temb, cos, sin)
+            self.prev_h.store(h)
+            ops.assign(self.filled, ms.Tensor(True))
+        return t.head(h_out, temb), ops.logical_not(skip), signal_where(has_signal, delta)
