@@ -48,6 +48,10 @@ class CachePolicy(CacheState):
         skip = tuple(f"{child}." for child in self.not_state)
         return sum(p.size * p.itemsize for name, p in self.parameters_and_names() if not name.startswith(skip))
 
+    def tokens_run(self, computed, step=0):
+        """Image tokens that ran through the block stack at a step, for methods that reduce tokens (else None)."""
+        return None
+
     def blocks_run(self, computed, step=0):
         """Transformer blocks that ran at a step, from the step's `computed` flag."""
         return self.transformer.num_blocks if computed else self.blocks_on_reuse

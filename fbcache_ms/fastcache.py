@@ -58,6 +58,11 @@ class FastCache(WholeStackCache):
         return (ms.Tensor(float(i), ms.float32), ms.Tensor(cache.threshold, ms.float32),
                 ms.Tensor(chi2_bound(self.image_tokens, cache.alpha), ms.float32))
 
+    def tokens_run(self, computed, step=0):
+        if not computed:
+            return 0
+        return self.image_tokens if step == 0 or not self.reduce else self.k
+
     def blocks_run(self, computed, step=0):
         """Token-proportional cost: a reduced step runs every block on (text + k) of (text + N) tokens."""
         if not computed:

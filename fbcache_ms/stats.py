@@ -10,11 +10,14 @@ class CacheStats:
     blocks_run: dict = field(default_factory=dict)  # branch -> [blocks per step; fractional: token-reduced steps]
     changes: dict = field(default_factory=dict)  # branch -> [FBCache relative change per step, None if none]
     state_bytes: int = 0  # bytes of cache state held (all branches, the whole batch)
+    tokens: dict = field(default_factory=dict)  # branch -> [image tokens through the stack per step] (FastCache)
 
-    def record(self, branch, computed, blocks, change=None):
+    def record(self, branch, computed, blocks, change=None, tokens=None):
         self.computed.setdefault(branch, []).append(bool(computed))
         self.blocks_run.setdefault(branch, []).append(float(blocks))
         self.changes.setdefault(branch, []).append(None if change is None or change < 0 else float(change))
+        if tokens is not None:
+            self.tokens.setdefault(branch, []).append(int(tokens))
 
     def pattern(self, branch="cond"):
         """'C' for a computed step, '.' for a reused one, e.g. 'CCC.C..C'."""
@@ -32,6 +35,7 @@ class CacheStats:
     def summary(self):
         lines = [f"{branch}: {self.pattern(branch)}  {self.hits(branch)}/{len(flags)} steps reused"
                  for branch, flags in self.computed.items()]
+        lines += [f"{branch}: image tokens run per step {counts}" for branch, counts in self.tokens.items()]
         lines.append(f"blocks run: {self.block_fraction():.1%} of uncached")
         lines.append(f"cache state: {self.state_bytes / 2 ** 20:.2f} MiB")
         return "; ".join(lines)

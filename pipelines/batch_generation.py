@@ -193,7 +193,9 @@ def generate_run(pipe, jobs, settings, out_dir, batch_size, num_shards=1, shard_
                 denoise_s=out.timings["denoise"], step_s=out.timings["steps"], decode_s=out.timings.get("decode"),
                 cache_pattern={b: stats.pattern(b) for b in stats.computed} if stats else None,
                 block_fraction=stats.block_fraction() if stats else 1.0,
-                cache_signal={b: v for b, v in stats.changes.items()} if stats else None))
+                cache_signal={b: v for b, v in stats.changes.items()} if stats else None,
+                tokens_run=dict(stats.tokens) if stats and stats.tokens else None,
+                cache_state_bytes=stats.state_bytes if stats else 0))
             bar.update()
     bar.close()
     return manifest

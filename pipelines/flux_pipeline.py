@@ -364,6 +364,7 @@ class FluxPipeline:
             v, computed, signal = step(x, *branches[branch], timestep, img_ids, txt_ids, guidance,
                                        *policy.step_inputs(cache, i, num_steps))
             computed = bool(computed.asnumpy())
-            stats.record(branch, computed, policy.blocks_run(computed, i), float(signal.asnumpy()))
+            stats.record(branch, computed, policy.blocks_run(computed, i), float(signal.asnumpy()),
+                         policy.tokens_run(computed, i))
             return v
         return predict, stats

@@ -32,9 +32,11 @@ def test_fastcache_matches_reference(torch_dev_pipeline, dev_pipeline, motion_ra
     assert rel_err(ours, expected) < 1e-4
     share = _ours.stats.blocks_run["cond"]
     assert share[0] == 5  # step 0 runs every token
+    tokens = _ours.stats.tokens["cond"]
+    assert tokens[0] == 16 and all(t == 0 for t, c in zip(tokens, pattern["cond"]) if c == ".")
     if motion_ratio < 1:  # a reduced step counts the tokens that ran: text 16 + k of 16 image tokens
         k = int(np.ceil(motion_ratio * 16))
-        assert max(share[1:]) == pytest.approx(5 * (16 + k) / 32)
+        assert max(share[1:]) == pytest.approx(5 * (16 + k) / 32) and k in tokens
 
 
 def test_alpha_moves_the_hit_rate_without_recompiling(dev_pipeline):
