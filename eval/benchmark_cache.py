@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--text-tokens", type=int, default=64, help="T5 sequence length (default 64)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28, FLUX.1-dev's)")
     p.add_argument("--thresholds", help="two FBCache thresholds, e.g. 0.08,0.12 (default: from the model)")
+    p.add_argument("--teacache-threshold", type=float,
+                   help="TeaCache threshold (default: 2.5x the median of this model's rescaled input changes)")
     p.add_argument("--interval", default="5,3", help="two TaylorSeer intervals (default 5,3)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting, round robin (default 2)")
     p.add_argument("--ab-rounds", type=int, default=5,
@@ -136,12 +138,18 @@ def benchmark(args, checkpoint):
     else:
         thresholds = [round(float(np.percentile(changes, q)), 4) for q in (40, 70)]
     intervals = [int(n) for n in args.interval.split(",")]
+    # TeaCache's threshold from the model's own rescaled input changes, so that it reuses steps here too
+    tea_probe, _ = timed(pipe, call, CacheConfig("teacache", threshold=0.0))
+    tea_changes = [c for c in tea_probe.cache_stats.changes["cond"] if c is not None]
+    tea_threshold = args.teacache_threshold or round(float(2.5 * np.median(tea_changes)), 4)
 
     settings = [CacheConfig("none"), CacheConfig("fbcache", threshold=0.0)]
     settings += [CacheConfig("fbcache", threshold=t) for t in thresholds]
     settings += [CacheConfig("taylorseer", order=1, interval=n, warmup=3) for n in intervals]
     settings += [CacheConfig("taylorseer", order=1, interval=intervals[0], warmup=3, variant="residual")]
     settings += [CacheConfig("fbcache_taylorseer", threshold=t, order=1) for t in thresholds]
+    # MagCache decides from its calibrated ratios, not from this model's features: it reuses steps on any weights
+    settings += [CacheConfig("teacache", threshold=tea_threshold), CacheConfig("magcache", threshold=0.06)]
 
     for cache in settings:  # compile every setting's graph before anything is timed
         pipe(**{**call, "num_inference_steps": 2}, cache=cache)
@@ -184,7 +192,17 @@ def benchmark(args, checkpoint):
           f"{ms.get_context('device_target')}, {os.cpu_count()} cores")
     print(f"block-0 relative change per step (uncached run): min {min(changes):.3f}, median "
           f"{np.median(changes):.3f}, max {max(changes):.3f}; thresholds used: {thresholds}")
-    print(f"a reused FBCache step runs 1 of {blocks} blocks; a TaylorSeer forecast step runs none\n")
+    print(f"TeaCache rescaled input change per step: median {np.median(tea_changes):.3f}; threshold used: "
+          f"{tea_threshold}")
+    print(f"a reused FBCache step runs 1 of {blocks} blocks; a reused TeaCache / MagCache step and a TaylorSeer "
+          f"forecast step run none (TeaCache: block 0's modulation only)")
+    reused = {r["config"]["method"]: r["reused_step_s"] for r in rows if r["reused_step_s"] is not None}
+    if "fbcache" in reused:
+        for method in ("teacache", "magcache"):
+            if method in reused:
+                print(f"reused {method} step {reused[method]:.3f} s vs a reused FBCache step (block 0 + head) "
+                      f"{reused['fbcache']:.3f} s: {reused[method] / reused['fbcache']:.2f}x")
+    print()
     print(f"best of {args.repeats} round-robin runs per setting; step columns are medians over all runs\n")
     header = (f"| setting | s/image (encode+denoise) | denoise s | wall speedup | step-cost speedup | ideal | "
               f"computed step s | reused step s | rel. err | PSNR dB | pattern |")
@@ -198,7 +216,8 @@ def benchmark(args, checkpoint):
     print_overheads(ab, overheads, args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(dict(args=vars(args), thresholds=thresholds, changes=changes, rows=rows,
+            json.dump(dict(args=vars(args), thresholds=thresholds, changes=changes, teacache_changes=tea_changes,
+                           teacache_threshold=tea_threshold, rows=rows,
                            no_hit_overhead=overheads, ab_step_times=ab), f, indent=2, default=float)
 
 

@@ -15,10 +15,11 @@ def add_cache_arguments(parser):
                    help="FBCache (DBCache): the first N blocks always run and give the signal (default 1)")
     g.add_argument("--bn", type=int, default=0,
                    help="FBCache (DBCache): the last N blocks still run on a reused step (default 0)")
-    g.add_argument("--order", type=int, default=1, help="TaylorSeer: forecast order 0..4 (default 1)")
+    g.add_argument("--order", type=int, default=1, help="TaylorSeer: forecast order 0..4; AFCache: highest Taylor order of its predictors, "
+                                                         "0..2 (default 1)")
     g.add_argument("--interval", type=int, default=5,
-                   help="TaylorSeer: one full step every N steps after the warm-up (default 5)")
-    g.add_argument("--warmup", type=int, default=3, help="TaylorSeer: full steps at the start (default 3)")
+                   help="TaylorSeer / AFCache: one full step every N steps after the warm-up (default 5)")
+    g.add_argument("--warmup", type=int, default=3, help="TaylorSeer / AFCache: full steps at the start (default 3)")
     g.add_argument("--taylor-variant", default=None, choices=TAYLOR_VARIANTS,
                    help="TaylorSeer: per_module (default for taylorseer) or residual (memory-light; the only "
                         "choice for fbcache_taylorseer)")
@@ -36,6 +37,9 @@ def add_cache_arguments(parser):
                    help="FastCache: level of its chi-square test (default 0.05; larger: fewer reused steps)")
     g.add_argument("--motion-ratio", type=float, default=0.5,
                    help="FastCache: fraction of image tokens recomputed on a computed step (default 0.5; 1 = all)")
+    g.add_argument("--budget", type=float, default=None,
+                   help="AFCache: fraction of an uncached run's blocks to run, spent on the least stable blocks "
+                        "(default: threshold mode, a block runs while its stability is below --threshold)")
     return g
 
 
@@ -44,4 +48,5 @@ def cache_config_from_args(args):
     return CacheConfig(method=args.cache, threshold=args.threshold, order=args.order, interval=args.interval,
                        warmup=args.warmup, variant=args.taylor_variant, fn=args.fn, bn=args.bn,
                        calibration=args.calibration, max_skip=args.max_skip, retention=args.retention,
-                       fourier_ratio=args.fourier_ratio, alpha=args.alpha, motion_ratio=args.motion_ratio)
+                       fourier_ratio=args.fourier_ratio, alpha=args.alpha, motion_ratio=args.motion_ratio,
+                       budget=args.budget)

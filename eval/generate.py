@@ -7,8 +7,8 @@ Examples:
   python -m eval.generate --checkpoint /data/FLUX.1-dev --prompt-file prompts.tsv --out outputs/parti
   python -m eval.generate --checkpoint /data/FLUX.1-dev --prompt-file coco/annotations/captions_val2017.json \\
       --out outputs/coco-fb08 --batch-size 4 --cache fbcache --threshold 0.08 --num-shards 8 --shard-index 3
-  (msrun: ranks are meant to take their shard from mindspore.communication; unverified, see README: prefer
-   one process per card with --num-shards N --shard-index i)
+  msrun --worker_num 8 --local_worker_num 8 python -m eval.generate ... --out outputs/coco-fb08
+  (under msrun each worker takes its shard from mindspore.communication; its scheduler process generates nothing)
   python -m eval.verify_run outputs/coco-fb08     # every image exactly once, all shards agree
 
 Prompt files: .txt (one a line), .tsv (PartiPrompts: a Prompt column), .jsonl (prompt, optional seed and

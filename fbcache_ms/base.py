@@ -59,6 +59,12 @@ class CachePolicy(CacheState):
     def step_inputs(self, cache, i, num_steps):
         raise NotImplementedError
 
+    def record(self, stats, branch, i, computed, signal):
+        """Put one step's outputs (computed flag, signal) into the statistics."""
+        computed = bool(computed.asnumpy())
+        stats.record(branch, computed, self.blocks_run(computed, i), float(signal.asnumpy()),
+                     self.tokens_run(computed, i))
+
 
 class WholeStackCache(CachePolicy):
     """Step skippers that reuse the image residual of the whole block stack (TeaCache, MagCache): a reused step

@@ -5,12 +5,12 @@ from dataclasses import asdict, dataclass
 
 from fbcache_ms import calibration as calib
 
-METHODS = ("none", "fbcache", "taylorseer", "fbcache_taylorseer", "teacache", "magcache", "fastcache")
+METHODS = ("none", "fbcache", "taylorseer", "fbcache_taylorseer", "teacache", "magcache", "fastcache", "afcache")
 TAYLOR_VARIANTS = ("per_module", "residual")
 MAX_ORDER = 4
 # FLUX.1-dev defaults of each method's own signal (they mean different things: see each method's file)
 DEFAULT_THRESHOLDS = {"fbcache": 0.08, "fbcache_taylorseer": 0.08, "teacache": 0.4, "magcache": 0.06,
-                      "fastcache": 0.05}
+                      "fastcache": 0.05, "afcache": 0.8}
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ class CacheConfig:
       threshold: b0 of the adaptive noise scale tau (FastCache's default 0.05)
       alpha:     level of the chi-square test: a step is reused when its change is not significant at alpha
       motion_ratio: fraction of image tokens that run on a computed step (the most changed); 1 = all
+    AFCache (afcache.py): per block and step, run or forecast the block's residual by its most stable predictor
+      threshold: a block runs when its best stability (EMA of cosine similarity) is below this (1 = all run)
+      budget:    instead of threshold: the fraction of an uncached call's blocks to run, spent on the least
+                 stable blocks (None: threshold mode)
+      order:     the highest Taylor order among the predictors (0 = reuse only)
+      warmup, interval: the first `warmup` steps and every `interval`-th step after them run every block
     Fourier storage (fbcache, fbcache_taylorseer, taylorseer's residual variant):
       fourier_ratio: the cached image residual is kept as the low-frequency block of its 2-D FFT over the
                  token grid, |u|, v <= ratio x (grid / 2) (fourier.py); 1 stores it uncompressed
@@ -57,13 +63,14 @@ class CacheConfig:
     fourier_ratio: float = 1.0
     alpha: float = 0.05
     motion_ratio: float = 0.5
+    budget: float = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown cache method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.threshold is None:
             object.__setattr__(self, "threshold", DEFAULT_THRESHOLDS.get(self.method, 0.0))
-        limit = 1.0 if self.uses_fbcache or self.method == "none" else math.inf
+        limit = 1.0 if self.uses_fbcache or self.method in ("none", "afcache") else math.inf
         if not (isinstance(self.threshold, (int, float)) and 0.0 <= float(self.threshold) <= limit):
             raise ValueError(f"threshold must be in [0, {limit:g}] for {self.method}, got {self.threshold}")
         object.__setattr__(self, "threshold", float(self.threshold))
@@ -99,6 +106,14 @@ class CacheConfig:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}")
         if not (isinstance(self.motion_ratio, (int, float)) and 0.0 < self.motion_ratio <= 1.0):
             raise ValueError(f"motion_ratio must be in (0, 1], got {self.motion_ratio!r}")
+        if self.budget is not None:
+            if self.method != "afcache":
+                raise ValueError(f"budget applies to afcache, not {self.method}")
+            if not (isinstance(self.budget, (int, float)) and 0.0 < self.budget <= 1.0):
+                raise ValueError(f"budget must be in (0, 1] (the fraction of blocks run), got {self.budget!r}")
+            object.__setattr__(self, "budget", float(self.budget))
+        if self.method == "afcache" and self.order > 2:
+            raise ValueError(f"afcache forecasts with Taylor order 0, 1 or 2, got order {self.order}")
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be finite, got {self.threshold}")
         if self.method in ("teacache", "magcache"):
@@ -139,7 +154,9 @@ class CacheConfig:
         if self.method == "none":
             return "no cache"
         parts = []
-        if self.method != "taylorseer":
+        if self.method == "afcache" and self.budget is not None:
+            parts.append(f"budget {self.budget:g}")
+        elif self.method != "taylorseer":
             parts.append(f"threshold {self.threshold:g}")
         if self.uses_fbcache and (self.fn, self.bn) != (1, 0):
             parts.append(f"F{self.fn}B{self.bn}")
@@ -151,6 +168,8 @@ class CacheConfig:
             parts.append(f"calibration {os.path.basename(self.calibration)}")
         if self.method == "magcache":
             parts.append(f"max_skip {self.max_skip}, retention {self.retention:g}")
+        if self.method == "afcache":
+            parts.append(f"order {self.order}, interval {self.interval}, warmup {self.warmup}")
         if self.method == "fastcache":
             parts.append(f"alpha {self.alpha:g}, motion ratio {self.motion_ratio:g}")
         if self.fourier_ratio < 1:

@@ -1,4 +1,5 @@
 """The cache policy for a CacheConfig: one class per method, each in its own file of this package."""
+from fbcache_ms.afcache import AFCache
 from fbcache_ms.config import CacheConfig
 from fbcache_ms.fastcache import FastCache
 from fbcache_ms.fbcache import FBCache
@@ -25,4 +26,6 @@ def make_policy(config: CacheConfig, transformer, batch, image_tokens, text_toke
         return FastCache(transformer, batch, image_tokens, text_tokens, config.motion_ratio)
     if config.method == "magcache":
         return MagCache(transformer, batch, image_tokens, text_tokens)
+    if config.method == "afcache":
+        return AFCache(transformer, batch, image_tokens, text_tokens, config.order)
     raise ValueError(f"no cache policy for method {config.method!r}")

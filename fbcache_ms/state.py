@@ -68,11 +68,18 @@ class TaylorFeature(CacheState):
         ops.assign(self.count, ops.minimum(self.count + 1, self.order + 1))
         return x
 
-    def forecast(self, step):
-        out = self.diffs[0]
+    def term(self, step, p):
+        """The order-p term of the forecast at `step` (zero while difference p lacks its history)."""
         weight = ms.Tensor(1.0, ms.float32)
-        for i in range(1, self.order + 1):
-            valid = (self.count > i).astype(ms.float32)
-            weight = weight * (step - self.positions[i - 1])
-            out = out + (self.diffs[i].astype(ms.float32) * (weight * valid)).astype(out.dtype)
+        for i in range(p):
+            weight = weight * (step - self.positions[i])
+        valid = (self.count > p).astype(ms.float32)
+        return (self.diffs[p].astype(ms.float32) * (weight * valid)).astype(self.diffs[p].dtype)
+
+    def forecast(self, step, order=None):
+        """Newton forecast at `step` with the terms up to `order` (default: all this feature keeps)."""
+        order = self.order if order is None else min(order, self.order)
+        out = self.diffs[0]
+        for i in range(1, order + 1):
+            out = out + self.term(step, i)
         return out

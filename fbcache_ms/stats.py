@@ -11,6 +11,7 @@ class CacheStats:
     changes: dict = field(default_factory=dict)  # branch -> [FBCache relative change per step, None if none]
     state_bytes: int = 0  # bytes of cache state held (all branches, the whole batch)
     tokens: dict = field(default_factory=dict)  # branch -> [image tokens through the stack per step] (FastCache)
+    strategies: dict = field(default_factory=dict)  # branch -> [per step: per block 0 ran, 1 + p forecast] (AFCache)
 
     def record(self, branch, computed, blocks, change=None, tokens=None):
         self.computed.setdefault(branch, []).append(bool(computed))

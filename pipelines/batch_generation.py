@@ -14,6 +14,7 @@
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,11 +66,19 @@ def shard_batches(num_jobs, batch_size, num_shards=1, shard_index=0):
 
 
 def msrun_shard(environ=os.environ):
-    """(num_shards, shard_index) from MindSpore's communication API in a process started by msrun, else None."""
-    if environ.get("MS_ROLE") != "MS_WORKER":
+    """(num_shards, shard_index) from MindSpore's communication API in a process started by msrun, else None.
+
+    msrun starts the same command in its scheduler process (MS_ROLE=MS_SCHED) as in its workers
+    (MS_WORKER): the scheduler must call init() too, where it serves the cluster until the workers are done,
+    and must never generate (it would run the whole job unsharded, and the workers' init() would wait for a
+    scheduler that never starts)."""
+    role = environ.get("MS_ROLE")
+    if role not in ("MS_WORKER", "MS_SCHED"):
         return None
     from mindspore.communication import get_group_size, get_rank, init
     init()
+    if role == "MS_SCHED":
+        sys.exit(0)
     return get_group_size(), get_rank()
 
 
@@ -96,10 +105,31 @@ class Manifest:
         self.header = json.loads(json.dumps(header))  # as it reads back: tuples become lists
         if os.path.isdir(path):
             raise RunMismatch(f"{path} is a folder, expected the run's manifest file")
+        self._lock = self._take_lock()
         if os.path.isfile(path):
             self._load()
         else:
             self._write_atomic([header])
+
+    def _take_lock(self):
+        """Two processes writing one shard would interleave images and records: the second one is refused.
+        The lock (flock on MANIFEST.lock) goes with the process, so a killed run leaves nothing held."""
+        import fcntl
+
+        lock = open(self.path + ".lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RunMismatch(f"another process is writing {self.path}: wait for it to finish, or give each "
+                              "process its own shard (--num-shards N --shard-index K)") from None
+        return lock
+
+    def close(self):
+        """Release the writer lock (the records stay readable)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _load(self):
         with open(self.path, "rb") as f:
@@ -175,6 +205,15 @@ def generate_run(pipe, jobs, settings, out_dir, batch_size, num_shards=1, shard_
     call = dict(settings["call"])
     cache = CacheConfig(**call.pop("cache"))
     bar = tqdm(total=sum(len(b) for b in batches), initial=done, desc="images", unit="image", disable=not progress)
+    try:
+        _generate_batches(pipe, jobs, todo, call, cache, manifest, out_dir, batch_size, bar)
+    finally:
+        manifest.close()
+        bar.close()
+    return manifest
+
+
+def _generate_batches(pipe, jobs, todo, call, cache, manifest, out_dir, batch_size, bar):
     for batch in todo:
         members = [jobs[k] for k in batch] + [jobs[batch[-1]]] * (batch_size - len(batch))  # pad: one shape
         negatives = [j.negative_prompt or "" for j in members]
@@ -195,10 +234,9 @@ def generate_run(pipe, jobs, settings, out_dir, batch_size, num_shards=1, shard_
                 block_fraction=stats.block_fraction() if stats else 1.0,
                 cache_signal={b: v for b, v in stats.changes.items()} if stats else None,
                 tokens_run=dict(stats.tokens) if stats and stats.tokens else None,
+                block_strategies=dict(stats.strategies) if stats and stats.strategies else None,
                 cache_state_bytes=stats.state_bytes if stats else 0))
             bar.update()
-    bar.close()
-    return manifest
 
 
 def read_run(out_dir):

@@ -169,11 +169,7 @@ class FluxPipeline:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
         dtype = resolve_dtype(dtype)
-        if not os.path.isdir(path):
-            raise CheckpointError(f"checkpoint folder {path!r} does not exist")
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-        if missing:
-            raise CheckpointError(f"{path!r} is not a complete FLUX.1 checkpoint: missing sub-folder(s) {missing}")
+        inspect_checkpoint(path)  # a missing or truncated file is named before any weights load
         sub = lambda name: os.path.join(path, name)  # noqa: E731
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
@@ -363,8 +359,6 @@ class FluxPipeline:
             policy, step = policies[branch]
             v, computed, signal = step(x, *branches[branch], timestep, img_ids, txt_ids, guidance,
                                        *policy.step_inputs(cache, i, num_steps))
-            computed = bool(computed.asnumpy())
-            stats.record(branch, computed, policy.blocks_run(computed, i), float(signal.asnumpy()),
-                         policy.tokens_run(computed, i))
+            policy.record(stats, branch, i, computed, signal)
             return v
         return predict, stats

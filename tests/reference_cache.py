@@ -129,7 +129,7 @@ class ReferenceCache:
 
     def __init__(self, method, threshold=0.0, order=1, interval=5, warmup=3, variant="per_module", fn=1, bn=0,
                  steps=None, coefficients=None, ratios=None, max_skip=3, retention=0.2, fourier_ratio=1.0, grid=None,
-                 alpha=0.05, motion_ratio=1.0):
+                 alpha=0.05, motion_ratio=1.0, budget=None):
         self.method, self.threshold, self.order = method, threshold, order
         self.fourier_ratio, self.grid = fourier_ratio, grid
         self.alpha, self.motion_ratio, self.prev_h = alpha, motion_ratio, None
@@ -142,6 +142,7 @@ class ReferenceCache:
         self.residual = None
         self.history = {}  # key -> [(step, value)] of full steps
         self.changes = []  # FBCache's relative change at each step that had a reference
+        self.budget, self.stability, self.strategies = budget, None, []  # AFCache
 
     def _remember(self, key, step, value):
         self.history.setdefault(key, []).append((step, value.double().numpy()))
@@ -221,9 +222,51 @@ class ReferenceCache:
         self.residual, self.prev_h = hf - h, x
         return flux.head(hf, temb), True
 
+    def _afcache_runs(self, step, n):
+        """Which blocks run at `step`, and each block's best predictor, from the stabilities so far."""
+        best_p = np.argmax(self.stability, 1)  # the first of equal stabilities: the lower order
+        best_s = self.stability[np.arange(n), best_p]
+        if self.is_full(step) or (self.budget is None and self.threshold >= 1):
+            return np.ones(n, bool), best_p
+        if self.budget is None:
+            return best_s < self.threshold, best_p
+        full = sum(self.is_full(i) for i in range(self.steps))
+        k = int(min(n, max(0, math.floor((self.budget * self.steps - full) * n / (self.steps - full) + 0.5))))
+        run = np.zeros(n, bool)
+        run[np.lexsort((np.arange(n), best_s))[:k]] = True  # the k least stable, lower index first on ties
+        return run, best_p
+
+    def _afcache(self, flux, step, h, e, temb, rope):
+        n, n_double = flux.num_blocks, len(flux.m.transformer_blocks)
+        if self.stability is None:
+            self.stability = np.full((n, self.order + 1), 0.5)
+        run, best_p = self._afcache_runs(step, n)
+        for b in range(n):
+            keys = (("h", b), ("e", b))
+            if run[b]:
+                new_h, new_e = flux.blocks(b, b + 1, h, e, temb, rope)
+                fresh = (new_h - h, new_e - e)
+                for p in range(self.order + 1):
+                    if len(self.history.get(keys[0], [])) > p:
+                        pairs = [(newton_forecast(self.history[k], step, p), r.double().numpy())
+                                 for k, r in zip(keys, fresh)]
+                        dot = sum((f * r).sum() for f, r in pairs)
+                        norms = sum((f * f).sum() for f, _ in pairs) * sum((r * r).sum() for _, r in pairs)
+                        self.stability[b, p] = 0.9 * self.stability[b, p] + 0.1 * dot / math.sqrt(norms)
+                for k, r in zip(keys, fresh):
+                    self._remember(k, step, r)
+                h, e = new_h, new_e
+            else:
+                h = h + torch.from_numpy(newton_forecast(self.history[keys[0]], step, best_p[b])).to(h.dtype)
+                e = e + torch.from_numpy(newton_forecast(self.history[keys[1]], step, best_p[b])).to(e.dtype)
+        self.strategies.append([0 if r else 1 + int(p) for r, p in zip(run, best_p)])
+        return flux.head(h, temb), bool(run.all())
+
     def step(self, flux, step, *inputs):
         """-> (velocity, computed)."""
         h, e, temb, rope = flux.embed(*inputs)
+        if self.method == "afcache":
+            return self._afcache(flux, step, h, e, temb, rope)
         if self.method == "fastcache":
             return self._fastcache(flux, step, h, e, temb, rope)
         if self.method in ("teacache", "magcache"):

@@ -64,6 +64,22 @@ def test_other_settings_into_the_same_folder_are_refused(tiny_dev_checkpoint, tm
     assert pictures(out) == before
 
 
+def test_a_second_writer_of_one_shard_is_refused(tiny_dev_checkpoint, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    base = ["--checkpoint", tiny_dev_checkpoint, "--prompt", "a cat", "--out", str(out)] + ARGS
+    assert generate.main(base) == 0  # the finished run released its lock
+    before = pictures(out)
+    with open(out / "manifest.jsonl.lock", "a") as held:  # another process writing this shard
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert generate.main(base) == 1
+        assert "another process is writing" in capsys.readouterr().err
+    assert pictures(out) == before
+    assert generate.main(base) == 0  # released: the run resumes (nothing left to do)
+
+
 def test_shards_and_resume_make_the_same_images(tiny_dev_checkpoint, tmp_path, capsys):
     prompts = [f"prompt number {k}" for k in range(5)]
     common = ["--checkpoint", tiny_dev_checkpoint, "--batch-size", "2", "--cache", "fbcache", "--threshold", "0.5",
@@ -210,8 +226,31 @@ def test_msrun_ranks_choose_their_shard(monkeypatch, tiny_dev_checkpoint, tmp_pa
     monkeypatch.setattr(comm, "get_group_size", lambda *a: 2)
     monkeypatch.setenv("MS_ROLE", "MS_WORKER")
     assert batch_generation.msrun_shard() == (2, 1) and calls == ["init"]
+    monkeypatch.setenv("MS_ROLE", "MS_SCHED")  # msrun's scheduler runs the command too: it serves, then leaves
+    with pytest.raises(SystemExit):
+        batch_generation.msrun_shard()
+    assert calls == ["init", "init"]
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
     out = tmp_path / "ranked"
     assert generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt", "a", "b", "c", "--out", str(out)]
                          + ARGS) == 0
     header, recs = records(out, "manifest.shard-001-of-002.jsonl")
     assert (header["num_shards"], header["shard_index"]) == (2, 1) and [r["index"] for r in recs] == [1]
+
+
+def test_msrun_workers_take_their_shards_and_the_scheduler_generates_nothing(tiny_dev_checkpoint, tmp_path):
+    """A real msrun on this CPU: 2 workers and the scheduler all run the same command."""
+    import shutil
+    if shutil.which("msrun") is None:
+        pytest.skip("msrun is not on PATH")
+    out = tmp_path / "out"
+    cmd = ["msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", "8157", "--join", "True",
+           "--log_dir", str(tmp_path / "logs"), "python", "-m", "eval.generate", "--checkpoint", tiny_dev_checkpoint,
+           "--prompt", "a", "b", "c", "d", "e", "--out", str(out), "--batch-size", "1"] + ARGS
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("manifest*.jsonl")) == ["manifest.shard-000-of-002.jsonl",
+                                                                   "manifest.shard-001-of-002.jsonl"]
+    shards = [records(out, f"manifest.shard-00{k}-of-002.jsonl")[1] for k in (0, 1)]
+    assert [r["index"] for r in shards[0]] == [0, 2, 4] and [r["index"] for r in shards[1]] == [1, 3]
+    assert verify_run.main([str(out)]) == 0

@@ -168,7 +168,8 @@ def test_committed_model_matches_diffusers(trained_pipelines):
     prompts = [s.caption for s in heldout_prompts(n_one=2, n_two=1)[:2]] + [heldout_prompts()[500].caption]
     kw = dict(prompt=prompts, height=64, width=64, num_inference_steps=6, max_sequence_length=32,
               negative_prompt="", true_cfg_scale=2.0)
-    latents = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)
+    tokens = (64 // (2 * ours.vae_scale_factor)) ** 2
+    latents = np.random.default_rng(0).standard_normal((3, tokens, 64)).astype(np.float32)
     with torch.no_grad():
         expected = ref(latents=torch.from_numpy(latents), output_type="latent", return_dict=False, **kw)[0].numpy()
         expected_images = ref(latents=torch.from_numpy(latents), output_type="np", **kw).images
@@ -188,3 +189,54 @@ def test_committed_model_draws_its_prompts_colours_and_positions(trained_pipelin
     scores = [adherence.score(s, im) for s, im in zip(scenes, out.images)]
     assert sum(r["colour"] for r in scores) >= 7, scores  # measured 8 of 8 on these seeds
     assert sum(r["position"] for r in scores) >= 5, scores  # measured 5 of 8 on these seeds
+
+
+def test_snapshots_are_complete_loadable_folders_and_go_away_after_the_run(tmp_path, monkeypatch):
+    import shutil
+    from diffusers import FluxTransformer2DModel
+    from eval import train_shapes_model as tsm
+
+    seen, replace = [], tsm.replace_folder
+
+    def keep_a_copy(src, dst):
+        replace(src, dst)
+        if dst.endswith(".partial"):
+            seen.append(tmp_path / f"seen{len(seen)}")
+            shutil.copytree(dst, seen[-1])
+
+    monkeypatch.setattr(tsm, "replace_folder", keep_a_copy)
+    tsm.train(_train_args(tmp_path / "model", **{"vae-steps": 4, "steps": 5, "snapshot-every": 2}))
+    assert len(seen) == 2 and not (tmp_path / "model.partial").exists()
+    assert not any(n.startswith((".snapshot-", ".replaced-")) for n in os.listdir(tmp_path))
+    weights = []
+    for folder, step in zip(seen, (1, 3)):
+        assert sorted(os.listdir(folder)) == sorted(["model_index.json", "scheduler", "text_encoder", "text_encoder_2",
+                                                     "tokenizer", "tokenizer_2", "transformer", "vae",
+                                                     "training_log.json"])
+        log = json.loads((folder / "training_log.json").read_text())
+        assert log["snapshot_step"] == step and len(log["transformer_history"]) == step + 1
+        weights.append(FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).proj_out.weight)
+    assert not torch.equal(weights[0], weights[1])
+
+
+def test_adaln_zero_start_predicts_zero_and_still_learns():
+    from diffusers import FluxTransformer2DModel
+    from eval.train_shapes_model import zero_init_modulation
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=8,
+                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    zero_init_modulation(torch, model)
+    inputs = dict(hidden_states=torch.randn(2, 4, 16), encoder_hidden_states=torch.randn(2, 3, 8),
+                  pooled_projections=torch.randn(2, 8), timestep=torch.tensor([0.3, 0.7]),
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3), return_dict=False)
+    assert torch.count_nonzero(model(**inputs)[0]) == 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # the output layer moves first, then the gates it makes visible
+        loss = (model(**inputs)[0] - 1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model(**inputs)[0].abs().mean() > 0.05
+    assert model.transformer_blocks[0].norm1.linear.weight.abs().sum() > 0

@@ -1,0 +1,150 @@
+"""AFCache: per block and per step, a strategy chosen from the block's measured stability.
+
+This project's definition (no paper exists; ../shared/reference/cache-methods.md gives only the intent).
+The cached unit is each block's residual, output - input (a double block: image and text streams; a single
+block: the joint sequence), kept as Newton differences up to `order` (TaylorFeature), updated whenever the
+block runs. Predictors p = 0 (reuse, FORA), 1 and 2 (Taylor forecasts) up to `order`.
+
+Stability s[b, p]: an EMA (0.9 old + 0.1 new, starting at 0.5) of the cosine similarity between block b's
+fresh residual and predictor p's forecast of it from the block's earlier runs. It is updated on the steps
+where the block runs and p has the history it needs, and kept across the steps of one call only (reset per
+call, one state per CFG branch). A block's best predictor is the one with the highest stability.
+
+Per step, decided before any block runs, from the stabilities so far:
+- warm-up steps and every `interval`-th step after them run every block (a global refresh that also
+  updates every block's stability);
+- threshold mode: a block runs when its best stability is below `threshold` (1 runs everything);
+- budget mode: the k blocks with the lowest best stability run, k chosen on the host so that the blocks
+  run over the whole call come to `budget` of an uncached call (as close as the refresh steps allow);
+- a block that does not run adds its best predictor's forecast to its input.
+Each block's run is a tensor `if`: a block that does not run costs its forecast only.
+The per-step strategy of every block (0 ran, 1 + p forecast by predictor p) is returned as the signal and
+kept in the statistics (CacheStats.strategies).
+"""
+import math
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from fbcache_ms.base import EPS, CachePolicy
+from fbcache_ms.state import TaylorFeature, _buffer
+
+EMA_KEEP = 0.9
+START = 0.5
+
+
+class AFCache(CachePolicy):
+    def __init__(self, transformer, batch, image_tokens, text_tokens, order):
+        super().__init__(transformer)
+        cfg, dtype = transformer.config, transformer.dtype
+        dim = cfg.dim
+        self.order = order
+        self.n_double, self.n_blocks = cfg.num_layers, transformer.num_blocks
+        img, txt, joint = (batch, image_tokens, dim), (batch, text_tokens, dim), (batch, text_tokens + image_tokens, dim)
+        self.res_h = nn.CellList([TaylorFeature(img, dtype, order, f"af_h{i}") for i in range(self.n_double)])
+        self.res_e = nn.CellList([TaylorFeature(txt, dtype, order, f"af_e{i}") for i in range(self.n_double)])
+        self.res_x = nn.CellList([TaylorFeature(joint, dtype, order, f"af_x{i}")
+                                  for i in range(cfg.num_single_layers)])
+        # stability - START, so that the in-place reset (zeros) starts every block at START
+        self.stability = _buffer((self.n_blocks, order + 1), ms.float32, "af_stability")
+
+    # ---------------------------------------------------------------- host side
+    def step_inputs(self, cache, i, num_steps):
+        full = cache.is_full_step(i)
+        if cache.budget is None:
+            threshold, k = cache.threshold, 0
+        else:
+            threshold, k = -2.0, self.blocks_per_step(cache, num_steps)
+        return (ms.Tensor(float(i), ms.float32), ms.Tensor(full), ms.Tensor(threshold, ms.float32),
+                ms.Tensor(k, ms.int32))
+
+    def blocks_per_step(self, cache, num_steps):
+        """Blocks to run on each step that is not a full one, so that the call runs `budget` of its blocks."""
+        full = sum(cache.is_full_step(i) for i in range(num_steps))
+        rest = num_steps - full
+        if rest == 0:
+            return self.n_blocks
+        k = (cache.budget * num_steps - full) * self.n_blocks / rest
+        return int(min(self.n_blocks, max(0, math.floor(k + 0.5))))
+
+    def record(self, stats, branch, i, computed, signal):
+        codes = [int(c) for c in signal.asnumpy().reshape(-1)]
+        ran = sum(c == 0 for c in codes)
+        stats.record(branch, ran == len(codes), ran)
+        stats.strategies.setdefault(branch, []).append(codes)
+
+    # ---------------------------------------------------------------- graph
+    def _decide(self, full, threshold, k):
+        """-> (run [blocks] bool, best predictor [blocks] float) from the stabilities so far."""
+        s = self.stability + START
+        best_s = s[:, 0]
+        best_p = ops.zeros_like(best_s)
+        for p in range(1, self.order + 1):
+            better = s[:, p] > best_s
+            best_s = ops.select(better, s[:, p], best_s)
+            best_p = ops.select(better, ops.full_like(best_p, float(p)), best_p)
+        # rank of each block by stability, lowest first (ties: lower index first)
+        lower = (best_s[None, :] < best_s[:, None]).astype(ms.int32)
+        tie = ops.logical_and(best_s[None, :] == best_s[:, None],
+                              ops.arange(self.n_blocks)[None, :] < ops.arange(self.n_blocks)[:, None])
+        rank = lower.sum(1) + tie.astype(ms.int32).sum(1)
+        run = ops.logical_or(best_s < threshold, rank < k)
+        run = ops.logical_or(run, ops.logical_or(full, threshold >= 1.0))
+        return run, best_p
+
+    def _stability_update(self, b, fresh, states, step):
+        """EMA of cos(fresh, predictor p's forecast) for every p with enough history. states: the block's
+        TaylorFeatures (one per stream), fresh: their new residuals; the streams count as one vector."""
+        rows = []
+        for p in range(self.order + 1):
+            dot, ff, rr = ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32)
+            for state, r in zip(states, fresh):
+                f, r32 = state.forecast(step, p).astype(ms.float32), r.astype(ms.float32)
+                dot, ff, rr = dot + (f * r32).sum(), ff + (f * f).sum(), rr + (r32 * r32).sum()
+            c = dot / (ops.sqrt(ff * rr) + EPS)
+            valid = (states[0].count > p).astype(ms.float32)
+            old = self.stability[b, p]
+            rows.append(valid * (EMA_KEEP * old + (1 - EMA_KEEP) * (c - START)) + (1 - valid) * old)
+        mask = (ops.arange(self.n_blocks) == b).astype(ms.float32)[:, None]
+        ops.assign(self.stability, self.stability * (1 - mask) + mask * ops.stack(rows)[None, :])
+
+    def _forecast(self, state, step, best_p):
+        out = state.forecast(step, 0)
+        for p in range(1, self.order + 1):
+            use = (best_p >= p).astype(ms.float32)
+            out = out + (state.term(step, p).astype(ms.float32) * use).astype(out.dtype)
+        return out
+
+    def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                  guidance, step, full, threshold, k):
+        t = self.transformer
+        h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                       img_ids, txt_ids, guidance)
+        run, best_p = self._decide(full, threshold, k)
+        b = 0
+        for block, state_h, state_e in zip(t.transformer_blocks, self.res_h, self.res_e):
+            if run[b]:
+                h_new, e_new = block(h, e, temb, cos, sin)
+                r_h, r_e = h_new - h, e_new - e
+                self._stability_update(b, (r_h, r_e), (state_h, state_e), step)
+                state_h.update(r_h, step)
+                state_e.update(r_e, step)
+                h, e = h_new, e_new  # not h + r_h: all blocks running must be the uncached model exactly
+            else:
+                h = h + self._forecast(state_h, step, best_p[b])
+                e = e + self._forecast(state_e, step, best_p[b])
+            b += 1
+        txt_len = e.shape[1]
+        x = ops.cat([e, h], axis=1)
+        for block, state_x in zip(t.single_transformer_blocks, self.res_x):
+            if run[b]:
+                x_new = block(x, temb, cos, sin)
+                r_x = x_new - x
+                self._stability_update(b, (r_x,), (state_x,), step)
+                state_x.update(r_x, step)
+                x = x_new
+            else:
+                x = x + self._forecast(state_x, step, best_p[b])
+            b += 1
+        codes = ops.select(run, ops.zeros_like(best_p), best_p + 1)
+        return t.head(x[:, txt_len:], temb), run.all(), codes

@@ -1,0 +1,99 @@
+"""AFCache: every block running is the uncached model; forecasting every block by reuse is TaylorSeer's
+residual variant at order 0 (FORA on the whole stack); budget mode runs the blocks it promises; the stability
+persists within a call and never across calls; thresholds and budgets are tensors (no recompile)."""
+import numpy as np
+import pytest
+from mindspore.graph.api import ms_compile_cache
+
+from fbcache_ms.config import CacheConfig
+from parity import rel_err
+from test_cache import CALL, STEPS, _latents, reference_run
+
+BLOCKS = 5  # the tiny checkpoint's 2 double + 3 single blocks
+SCHEDULE = dict(warmup=2, interval=3)  # full steps 0, 1, 2, 5 of 8
+
+
+def run(pipe, cache, seed=4, prompt="a cat", **kw):
+    return pipe(prompt, latents=_latents(seed=seed), cache=cache, **CALL, **kw)
+
+
+def test_threshold_one_runs_every_block_and_is_the_uncached_model(dev_pipeline):
+    uncached = dev_pipeline("a cat", latents=_latents(seed=4), **CALL).images
+    out = run(dev_pipeline, CacheConfig("afcache", threshold=1.0, order=2, **SCHEDULE))
+    assert out.cache_stats.strategies["cond"] == [[0] * BLOCKS] * STEPS
+    np.testing.assert_allclose(out.images, uncached, rtol=0, atol=1e-6)
+
+
+def test_reuse_everywhere_is_fora_on_the_stack(dev_pipeline):
+    # budget 4/8: the full steps spend it all, so every other step forecasts every block by reuse; the
+    # per-block residuals then add up to the stack's residual of the last full step
+    out = run(dev_pipeline, CacheConfig("afcache", budget=0.5, order=0, **SCHEDULE))
+    fora = run(dev_pipeline, CacheConfig("taylorseer", order=0, variant="residual", **SCHEDULE))
+    strategies = out.cache_stats.strategies["cond"]
+    assert [s == [0] * BLOCKS for s in strategies] == [c == "C" for c in fora.cache_stats.pattern()]
+    assert all(s == [1] * BLOCKS for s in strategies if s != [0] * BLOCKS)
+    assert out.cache_stats.block_fraction() == pytest.approx(0.5)
+    assert rel_err(out.images, fora.images) < 1e-5
+
+
+@pytest.mark.parametrize("cache", [dict(threshold=0.7, order=2), dict(threshold=0.66, order=1),
+                                   dict(budget=0.6, order=2)])
+def test_afcache_matches_reference(torch_dev_pipeline, dev_pipeline, cache):
+    """Decisions, stabilities and latents against a torch reference on diffusers' blocks (tests/reference_cache.py)."""
+    kw = dict(cache, **SCHEDULE)
+    expected, _ = reference_run(torch_dev_pipeline, _latents(seed=4), "a cat", method="afcache", steps=STEPS,
+                                **{"threshold": 0.0, **kw})
+    out = run(dev_pipeline, CacheConfig("afcache", **kw))
+    strategies = out.cache_stats.strategies["cond"]
+    assert strategies == reference_run.caches["cond"].strategies
+    between = [c for i in (3, 4, 6, 7) for c in strategies[i]]  # the steps that are not full ones
+    assert 0 in between and any(c > 0 for c in between)  # some blocks ran there, some were forecast
+    assert rel_err(out.images, expected) < 1e-4
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.6])
+def test_budget_runs_the_promised_blocks(dev_pipeline, budget):
+    out = run(dev_pipeline, CacheConfig("afcache", budget=budget, order=2, **SCHEDULE))
+    stats = out.cache_stats
+    # 4 full steps of 5 blocks, and k blocks on each of the other 4: k = (budget * 8 - 4) * 5 / 4
+    k = int(np.floor((budget * STEPS - 4) * BLOCKS / 4 + 0.5))
+    ran = [sum(c == 0 for c in s) for s in stats.strategies["cond"]]
+    assert ran == [BLOCKS if i in (0, 1, 2, 5) else k for i in range(STEPS)]
+    assert stats.block_fraction() == pytest.approx((4 * BLOCKS + 4 * k) / (STEPS * BLOCKS))
+    forecast = {c for s in stats.strategies["cond"] for c in s if c}
+    assert forecast <= {1, 2, 3} and forecast
+
+
+def test_state_never_leaks_between_calls_and_branches_are_apart(dev_pipeline):
+    cache = CacheConfig("afcache", budget=0.625, order=2, **SCHEDULE)
+    first = run(dev_pipeline, cache)
+    run(dev_pipeline, cache, seed=9, prompt="a dog")  # other features in between
+    again = run(dev_pipeline, cache)
+    assert first.cache_stats.strategies == again.cache_stats.strategies
+    np.testing.assert_array_equal(first.images, again.images)
+    cfg = run(dev_pipeline, cache, negative_prompt="blurry", true_cfg_scale=2.5)
+    assert set(cfg.cache_stats.strategies) == {"cond", "uncond"}
+
+
+def test_thresholds_and_budgets_do_not_recompile(dev_pipeline):
+    run(dev_pipeline, CacheConfig("afcache", threshold=0.9, order=1, **SCHEDULE))
+    compiled = len(ms_compile_cache)
+    ran = []
+    for cache in (CacheConfig("afcache", threshold=0.5, order=1, **SCHEDULE),
+                  CacheConfig("afcache", threshold=0.99, order=1, **SCHEDULE),
+                  CacheConfig("afcache", budget=0.75, order=1, **SCHEDULE)):
+        ran.append(run(dev_pipeline, cache).cache_stats.block_fraction())
+    assert len(ms_compile_cache) == compiled
+    assert ran[0] <= ran[1]  # a higher stability threshold runs more blocks
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="afcache", budget=0.0), "budget"),
+    (dict(method="afcache", budget=1.5), "budget"),
+    (dict(method="fbcache", budget=0.5), "budget applies to afcache"),
+    (dict(method="afcache", order=3), "order 0, 1 or 2"),
+    (dict(method="afcache", threshold=1.2), "threshold"),
+])
+def test_bad_settings_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CacheConfig(**kwargs)
