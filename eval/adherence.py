@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eval.shapes_data import (BACKGROUNDS, CELL, COLOURS, IMAGE_SIZE, SHAPES, SIZES, coverage, heldout_prompts,
-                              render, shape_polygon)
+from eval.shapes_data import (BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, coverage, heldout_prompts,
+                              cell_index, render, shape_polygon)
 
 OBJECT_CHROMA = 55.0  # object pixels: chroma above this; palette colours have >= 110, backgrounds <= 45
 MIN_PIXELS = 12  # a blob smaller than this is noise (a small star covers about 50 pixels)
@@ -49,7 +49,7 @@ def _template_extents():
 
 _EXTENTS = _template_extents()
 # A blob is large when its extent (longer bounding-box side) passes the midpoint of its shape's small and
-# large extents (a small circle spans 14 px, a large square 17 px: one split for all shapes would be thin).
+# large extents (a small circle spans 18 px, a large square 22 px: one split for all shapes would be thin).
 _SIZE_SPLIT = {s: 0.5 * sum(SIZES.values()) * max(e[1] - e[0], e[3] - e[2]) for s, e in _EXTENTS.items()}
 
 
@@ -163,7 +163,7 @@ def read_image(image):
         cx, cy = 0.5 * (xs.min() + xs.max() + 1), 0.5 * (ys.min() + ys.max() + 1)
         extent = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min())
         shape, iou = _classify_shape(blob)
-        found.append(Detected(colour, shape, min(int(cy // CELL), 2), min(int(cx // CELL), 2),
+        found.append(Detected(colour, shape, cell_index(cy), cell_index(cx),
                               "large" if extent > _SIZE_SPLIT[shape] else "small", cx, cy, n, iou))
     found.sort(key=lambda d: -d.pixels)
     return background, found

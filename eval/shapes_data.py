@@ -30,8 +30,11 @@ BACKGROUNDS = {  # neutral: chroma <= 45
     "black": (20, 20, 20), "beige": (225, 210, 180),
 }
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
-SIZES = {"small": 7.0, "large": 10.0}  # radius in pixels of a 64x64 image; a grid cell is 21.3 px wide
-CELL = IMAGE_SIZE / 3
+# Radius in pixels of a 64x64 image, and the centres of the 3x3 grid's rows / columns. Objects sit exactly on
+# the grid: large enough that their outline spans several latent pixels (at radius 7 / 10 with jitter, two
+# training runs never learned shape), and apart enough that two small ones in neighbouring cells never touch.
+SIZES = {"small": 9.0, "large": 13.0}
+CENTRES = (13.0, 32.0, 51.0)
 
 # A (colour, shape, cell) triple is held out when its hash falls in this residue class: 1 in 8 of the 432.
 HELDOUT_MODULUS = 8
@@ -44,12 +47,15 @@ class Obj:
     row: int  # 0 top .. 2 bottom
     col: int  # 0 left .. 2 right
     size: str  # "small" | "large"
-    dx: float = 0.0  # jitter of the centre inside its cell, pixels
-    dy: float = 0.0
 
     @property
     def centre(self):
-        return ((self.col + 0.5) * CELL + self.dx, (self.row + 0.5) * CELL + self.dy)
+        return CENTRES[self.col], CENTRES[self.row]
+
+
+def cell_index(v):
+    """Row or column (0, 1, 2) of a coordinate in pixels: the nearest grid centre."""
+    return int(np.argmin([abs(v - c) for c in CENTRES]))
 
 
 @dataclass(frozen=True)
@@ -177,16 +183,6 @@ def caption_two(rng, a, b, relation, bg, with_bg):
 
 # ---------------------------------------------------------------- sampling
 
-def _jitter(rng, size):
-    room = CELL / 2 - SIZES[size]  # a shape stays inside its grid cell
-    return rng.uniform(-room, room), rng.uniform(-room, room)
-
-
-def _obj(rng, colour, shape, row, col, size):
-    dx, dy = _jitter(rng, size)
-    return Obj(shape, colour, row, col, size, dx, dy)
-
-
 def _background(rng):
     return rng.choice(tuple(BACKGROUNDS))
 
@@ -201,7 +197,7 @@ def sample_one(rng, heldout):
             row, col = rng.randrange(3), rng.randrange(3)
             if not is_heldout(colour, shape, row, col):
                 break
-    obj = _obj(rng, colour, shape, row, col, rng.choice(tuple(SIZES)))
+    obj = Obj(shape, colour, row, col, rng.choice(tuple(SIZES)))
     bg, with_bg = _background(rng), rng.random() < 0.5
     return Scene((obj,), bg, caption_one(rng, obj, bg, with_bg), with_bg, None,
                  (("colour", "shape", "position", "size"),))
@@ -232,9 +228,11 @@ def sample_two(rng, heldout):
         held = [is_heldout(c, s, *cell) for c, s, cell in zip(colours, shapes, cells)]
         if (heldout and held[0]) or (not heldout and not any(held)):
             break
-    # side by side, the two shapes share one size class so "left of" is not confounded by size
-    size = rng.choice(tuple(SIZES))
-    a, b = (_obj(rng, c, s, r, k, size) for c, s, (r, k) in zip(colours, shapes, cells))
+    # side by side, the two shapes share one size class so "left of" is not confounded by size; in
+    # neighbouring cells (diagonals included) only small ones fit without touching
+    neighbours = max(abs(cells[0][0] - cells[1][0]), abs(cells[0][1] - cells[1][1])) == 1
+    size = "small" if neighbours else rng.choice(tuple(SIZES))
+    a, b = (Obj(s, c, r, k, size) for c, s, (r, k) in zip(colours, shapes, cells))
     bg, with_bg = _background(rng), rng.random() < 0.5
     attrs = ("colour", "shape") if relation else ("colour", "shape", "position")
     return Scene((a, b), bg, caption_two(rng, a, b, relation, bg, with_bg), with_bg, relation, (attrs, attrs))

@@ -290,10 +290,12 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m eval.train_shapes_model",
         description="Train the embedded tiny FLUX.1 model (VAE and transformer) on the procedural shapes "
-                    "data and write it as a diffusers-format folder. The committed model is two runs (README): the "
-                    "defaults with --no-object-weighted-flow (72 minutes on 2 CPU cores, part of it on a shared "
-                    "machine), then --init-from that folder with --vae-steps 3000 --vae-lr 1e-3 --steps 2800 "
-                    "--lr 5e-4 --compile (46 minutes).",
+                    "data and write it as a diffusers-format folder. The committed model is three runs, each "
+                    "continuing the last (README): the defaults with --no-object-weighted-flow --no-adaln-zero (72 "
+                    "minutes on 2 CPU cores), --init-from it with --vae-steps 3000 --vae-lr 1e-3 --steps 2800 --lr "
+                    "5e-4 --compile (46 minutes), both on the first version of the data (smaller objects, jittered), "
+                    "then --init-from that with --vae-steps 1500 --vae-lr 1e-3 --steps 3000 --lr 5e-4 --compile "
+                    "(43 minutes) on the data as it is now.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data stream and the noise")
