@@ -378,6 +378,7 @@ def train(args):
             sizes = previous["sizes"]
             record = dict(previous, settings=settings, phases=previous.get("phases", [previous["settings"]]) + [settings])
             record.pop("vae_reconstruction_adherence", None)
+            record.pop("snapshot_step", None)  # continuing from a snapshot (OUT.partial)
         else:
             sizes = TINY_SIZES if args.tiny else MODEL_SIZES
             # float16 storage keeps the folder small; the models are trained in float32 from the stored values
@@ -421,9 +422,12 @@ def train(args):
             copy = FluxTransformer2DModel.from_config(model.config)
             copy.load_state_dict(ema)
             copy.to(torch.float16).save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
+            # this phase as far as it went, so that a run continued from the snapshot logs the steps it had
+            done = len(record["transformer_history"]) - sum(p.get("steps", 0) for p in record["phases"][:-1])
+            phases = record["phases"][:-1] + [dict(settings, steps=done)]
             with open(os.path.join(tmp, "training_log.json"), "w", encoding="utf-8") as f:
-                json.dump(dict(record, snapshot_step=step, transformer_seconds=record["transformer_seconds"]
-                               + time.perf_counter() - t0), f, indent=1)
+                json.dump(dict(record, phases=phases, snapshot_step=step, transformer_seconds=
+                               record["transformer_seconds"] + time.perf_counter() - t0), f, indent=1)
             drop_build_paths(tmp)
             replace_folder(tmp, partial)
 

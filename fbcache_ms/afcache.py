@@ -95,11 +95,18 @@ class AFCache(CachePolicy):
     def _stability_update(self, b, fresh, states, step):
         """EMA of cos(fresh, predictor p's forecast) for every p with enough history. states: the block's
         TaylorFeatures (one per stream), fresh: their new residuals; the streams count as one vector."""
+        # predictor p's forecast is predictor p-1's plus one Newton term: build them up once per stream
+        forecasts = []
+        for state in states:
+            f = [state.forecast(step, 0)]
+            for p in range(1, self.order + 1):
+                f.append(f[-1] + state.term(step, p))
+            forecasts.append(f)
         rows = []
         for p in range(self.order + 1):
             dot, ff, rr = ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32)
-            for state, r in zip(states, fresh):
-                f, r32 = state.forecast(step, p).astype(ms.float32), r.astype(ms.float32)
+            for f_all, r in zip(forecasts, fresh):
+                f, r32 = f_all[p].astype(ms.float32), r.astype(ms.float32)
                 dot, ff, rr = dot + (f * r32).sum(), ff + (f * f).sum(), rr + (r32 * r32).sum()
             c = dot / (ops.sqrt(ff * rr) + EPS)
             valid = (states[0].count > p).astype(ms.float32)

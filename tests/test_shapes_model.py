@@ -217,6 +217,7 @@ def test_snapshots_are_complete_loadable_folders_and_go_away_after_the_run(tmp_p
                                                      "training_log.json"])
         log = json.loads((folder / "training_log.json").read_text())
         assert log["snapshot_step"] == step and len(log["transformer_history"]) == step + 1
+        assert log["phases"][-1]["steps"] == step + 1  # the phase as far as it went
         weights.append(FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).proj_out.weight)
     assert not torch.equal(weights[0], weights[1])
 
