@@ -24,8 +24,9 @@ def add_cache_arguments(parser):
                    help="TaylorSeer: per_module (default for taylorseer) or residual (memory-light; the only "
                         "choice for fbcache_taylorseer)")
     g.add_argument("--calibration", default=None, metavar="JSON",
-                   help="TeaCache / MagCache: the model's calibration (python -m eval.calibrate_cache writes "
-                        "one; default FLUX.1-dev's published coefficients and ratios)")
+                   help="TeaCache / MagCache / AFCache: the model's calibration (python -m eval.calibrate_cache "
+                        "writes one; default FLUX.1-dev's published coefficients and ratios; AFCache takes its "
+                        "threshold from it unless --threshold is given)")
     g.add_argument("--max-skip", type=int, default=3, help="MagCache: most reused steps in a row (default 3)")
     g.add_argument("--retention", type=float, default=0.2,
                    help="MagCache: fraction of the first steps that always compute (default 0.2)")

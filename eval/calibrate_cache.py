@@ -1,9 +1,12 @@
-"""Calibrate TeaCache and MagCache for one checkpoint: run it uncached on N prompts and record per step
+"""Calibrate TeaCache, MagCache and AFCache for one checkpoint: run it uncached on N prompts and record per step
 - TeaCache: the relative L1 change of block 0's modulated input (x) and of the model output (y); a degree-4
   least-squares polynomial y ~ poly(x) is what TeaCache's accumulator adds per step (the authors' procedure);
-- MagCache: gamma_t, the mean over tokens of |r_t| / |r_t-1| for the block stack's image residual r.
-Writes one JSON file (load it with --calibration FILE or CacheConfig(calibration=FILE)) and a plot of the fit
-and its residuals beside it.
+- MagCache: gamma_t, the mean over tokens of |r_t| / |r_t-1| for the block stack's image residual r;
+- AFCache: with every block running, each block's stability (its EMA) before each step and the cosine its best
+  predictor then reached; the threshold is the lowest stability whose forecasts miss --target-cosine in at most
+  --tolerance of the decisions (steps of AFCache's default schedule that are not full steps).
+Writes one JSON file (load it with --calibration FILE or CacheConfig(calibration=FILE)) and a plot of the fits
+beside it.
 
 The prompts are drawn from the training distribution, never from the held-out evaluation set, so nothing is
 tuned on the prompts the benchmarks score.
@@ -28,7 +31,20 @@ def parse_args(argv=None):
                    help="prompts to run (default 32): training captions for the embedded model")
     p.add_argument("--prompt-file", help="one prompt a line instead (UTF-8), for other models")
     p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    p.add_argument("--target-cosine", type=float, default=0.98,
+                   help="AFCache: cosine similarity a block's forecast must reach against its fresh residual "
+                        "(default 0.98)")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="AFCache: fraction of allowed forecasts that may miss --target-cosine (default 0.1)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="AFCache: prompts per call; its cache decides per call, as in generation (default 8)")
     args = p.parse_args(argv)
+    if not 0.0 < args.target_cosine < 1.0:
+        p.error(f"--target-cosine must be in (0, 1), got {args.target_cosine}")
+    if not 0.0 <= args.tolerance < 1.0:
+        p.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if not 1 <= args.prompts <= 1024:
         p.error(f"--prompts must be in 1..1024, got {args.prompts}")
     if args.steps < 3:
@@ -52,18 +68,47 @@ def parse_args(argv=None):
     return args
 
 
-def calibrate(pipe, prompts, steps):
-    """-> (calibration dict, signals) from an uncached run of `prompts`."""
+def afcache_decisions(pipe, prompts, steps, batch_size):
+    """AFCache with every block running (the uncached model) -> (best stability before the step, cosine its best
+    predictor reached), each [calls, decision steps, blocks], on the steps its default schedule does not run fully."""
+    from fbcache_ms.afcache import EMA_KEEP, START
+    from fbcache_ms.calibration import forecast_cosines
+    from fbcache_ms.config import CacheConfig
+
+    cache = CacheConfig("afcache", threshold=1.0, order=2)
+    decide = [i for i in range(steps) if not cache.is_full_step(i)]
+    best, reached = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        out = pipe(batch, num_inference_steps=steps, generator=[np.random.default_rng(start + k) for k in range(len(batch))],
+                   output_type="latent", progress=False, cache=cache, max_sequence_length=pipe.default_sequence_length)
+        after = np.asarray(out.cache_stats.stability["cond"], np.float64)  # [steps, blocks, predictors]
+        before = np.concatenate([np.full_like(after[:1], START), after[:-1]])
+        cosine = forecast_cosines(after, EMA_KEEP, START)
+        p_best = before.argmax(-1)  # ties: the lower order, as the policy picks
+        best.append(before.max(-1)[decide])
+        reached.append(np.take_along_axis(cosine, p_best[..., None], -1)[..., 0][decide])
+    return np.stack(best), np.stack(reached)
+
+
+def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=8):
+    """-> (calibration dict, signals) from uncached runs of `prompts`."""
     from eval.cache_signals import record_signals
     from fbcache_ms import calibration as calib
 
+    best, reached = afcache_decisions(pipe, prompts, steps, batch_size)
+    threshold, fraction, missed = calib.fit_afcache_threshold(best, reached, target_cosine, tolerance)
     sig = record_signals(pipe, prompts, steps)
+    sig["afcache_best"], sig["afcache_cosine"] = best, reached
     coefficients, r2 = calib.fit_teacache(sig["teacache"], sig["output"])
     data = {"steps": steps, "prompts": len(prompts),
             "teacache": {"coefficients": coefficients, "r2": r2, "points": int(sig["teacache"].size),
                          "input_change_range": [float(sig["teacache"].min()), float(sig["teacache"].max())]},
             "magcache": {"ratios": calib.mean_magnitude_ratios(sig["magcache_ratio"]),
-                         "ratio_std_over_prompts": [0.0] + [float(v) for v in sig["magcache_ratio"].std(0)]}}
+                         "ratio_std_over_prompts": [0.0] + [float(v) for v in sig["magcache_ratio"].std(0)]},
+            "afcache": {"threshold": threshold, "target_cosine": target_cosine, "tolerance": tolerance,
+                        "forecast_fraction": fraction, "miss_rate": missed, "decisions": int(np.isfinite(reached).sum()),
+                        "batch_size": batch_size}}
     return data, sig
 
 
@@ -77,7 +122,7 @@ def plot(data, sig, path):
     x, y = sig["teacache"].ravel(), sig["output"].ravel()
     fit = np.asarray(data["teacache"]["coefficients"])
     grid = np.linspace(0, x.max() * 1.05, 200)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     ax = axes[0]
     ax.scatter(x, y, s=4, alpha=0.4, label="per image and step")
     ax.plot(grid, np.polyval(fit, grid), "C1", label=f"degree-4 fit (R^2 {data['teacache']['r2']:.3f})")
@@ -102,6 +147,18 @@ def plot(data, sig, path):
     ax.set_xlabel("step")
     ax.set_title("MagCache magnitude ratio |r_t| / |r_t-1|")
     ax.legend()
+    ax = axes[3]
+    af = data["afcache"]
+    s, c = sig["afcache_best"].ravel(), sig["afcache_cosine"].ravel()
+    ax.scatter(s, c, s=4, alpha=0.3, label="block decisions (stability before the step, cosine reached)")
+    ax.axhline(af["target_cosine"], color="C2", ls="--", label=f"target cosine {af['target_cosine']:g}")
+    ax.axvline(af["threshold"], color="C1", label=f"threshold {af['threshold']:.3f}: forecasts "
+                                                   f"{af['forecast_fraction']:.0%}, {af['miss_rate']:.0%} miss")
+    ax.set_xlabel("block's best stability before the step")
+    ax.set_ylabel("cosine of its best forecast")
+    ax.set_title("AFCache stability threshold")
+    ax.set_ylim(max(-0.05, float(np.nanmin(c)) - 0.02), 1.005)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -113,7 +170,7 @@ def main(argv=None):
     from pipelines.flux_pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(args.checkpoint)
-    data, sig = calibrate(pipe, args.prompt_list, args.steps)
+    data, sig = calibrate(pipe, args.prompt_list, args.steps, args.target_cosine, args.tolerance, args.batch_size)
     data = {"model": os.path.basename(os.path.normpath(args.checkpoint)),
             "source": f"python -m eval.calibrate_cache: {len(args.prompt_list)} prompts, {args.steps} steps", **data}
     save_calibration(args.out, data)
@@ -121,7 +178,9 @@ def main(argv=None):
     plot(data, sig, png)
     print(f"wrote {args.out} and {png}: TeaCache fit R^2 {data['teacache']['r2']:.3f} over "
           f"{data['teacache']['points']} points; MagCache ratios "
-          f"{min(data['magcache']['ratios']):.3f}..{max(data['magcache']['ratios']):.3f}")
+          f"{min(data['magcache']['ratios']):.3f}..{max(data['magcache']['ratios']):.3f}; AFCache threshold "
+          f"{data['afcache']['threshold']:.3f} (forecasts {data['afcache']['forecast_fraction']:.0%} of block "
+          f"decisions, {data['afcache']['miss_rate']:.0%} below cosine {data['afcache']['target_cosine']:g})")
     return 0
 
 

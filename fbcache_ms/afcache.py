@@ -19,7 +19,8 @@ Per step, decided before any block runs, from the stabilities so far:
 - a block that does not run adds its best predictor's forecast to its input.
 Each block's run is a tensor `if`: a block that does not run costs its forecast only.
 The per-step strategy of every block (0 ran, 1 + p forecast by predictor p) is returned as the signal and
-kept in the statistics (CacheStats.strategies).
+kept in the statistics (CacheStats.strategies), with the stabilities after each step (CacheStats.stability,
+which `python -m eval.calibrate_cache` turns into a threshold).
 """
 import math
 
@@ -72,6 +73,7 @@ class AFCache(CachePolicy):
         ran = sum(c == 0 for c in codes)
         stats.record(branch, ran == len(codes), ran)
         stats.strategies.setdefault(branch, []).append(codes)
+        stats.stability.setdefault(branch, []).append((self.stability.asnumpy() + START).tolist())
 
     # ---------------------------------------------------------------- graph
     def _decide(self, full, threshold, k):

@@ -1,9 +1,11 @@
-"""Calibrations of the step-skipping caches: TeaCache's rescaling polynomial and MagCache's magnitude ratios,
-one JSON file per checkpoint (written by `python -m eval.calibrate_cache`, read by CacheConfig).
+"""Calibrations of the caches that need one: TeaCache's rescaling polynomial, MagCache's magnitude ratios and
+AFCache's stability threshold, one JSON file per checkpoint (written by `python -m eval.calibrate_cache`, read by
+CacheConfig).
 
   {"model": ..., "steps": 28, "source": ...,
    "teacache": {"coefficients": [c4, c3, c2, c1, c0], "r2": ..., "points": ...},
-   "magcache": {"ratios": [1.0, gamma_1, ..., gamma_27]}}
+   "magcache": {"ratios": [1.0, gamma_1, ..., gamma_27]},
+   "afcache": {"threshold": ..., "target_cosine": ..., "tolerance": ..., "forecast_fraction": ...}}
 """
 import functools
 import json
@@ -43,7 +45,17 @@ def load_calibration(path):
     if ratios is not None and not (isinstance(ratios, list) and len(ratios) >= 2
                                    and all(np.isfinite(r) and r > 0 for r in ratios)):
         raise CalibrationError(f"calibration file {path!r}: magcache.ratios must be at least 2 positive numbers")
+    threshold = data.get("afcache", {}).get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise CalibrationError(f"calibration file {path!r}: afcache.threshold must be a number in [0, 1]")
     return data
+
+
+def afcache_threshold(path):
+    threshold = load_calibration(path).get("afcache", {}).get("threshold")
+    if threshold is None:
+        raise CalibrationError(f"calibration file {path!r} has no afcache.threshold")
+    return float(threshold)
 
 
 def teacache_coefficients(path):
@@ -83,6 +95,38 @@ def fit_teacache(input_change, output_change, degree=TEACACHE_DEGREE):
 def mean_magnitude_ratios(per_image_ratios):
     """[images, steps - 1] ratios |r_t| / |r_t-1| -> the calibrated curve [steps], 1.0 first (no previous)."""
     return [1.0] + [float(v) for v in np.mean(per_image_ratios, axis=0)]
+
+
+def forecast_cosines(stability, ema_keep, start):
+    """AFCache's per-step cosine of each predictor's forecast, recovered from its stability EMA in a run where
+    every block ran: stability [steps, blocks, predictors] (after each step) -> cosine [steps, blocks, predictors],
+    NaN where the predictor had no history yet (step i: p < i earlier runs)."""
+    s = np.asarray(stability, np.float64) - start
+    before = np.concatenate([np.zeros_like(s[:1]), s[:-1]])
+    cosine = start + (s - ema_keep * before) / (1 - ema_keep)
+    steps, predictors = np.arange(len(s))[:, None, None], np.arange(s.shape[2])[None, None, :]
+    return np.where(steps > predictors, cosine, np.nan)
+
+
+def fit_afcache_threshold(best_stability, cosine, target, tolerance):
+    """The lowest stability threshold whose forecasts (a block forecasts when its best stability is at least the
+    threshold) miss `target` cosine in at most `tolerance` of cases. best_stability, cosine: one entry per
+    block decision (the stability before the step, the cosine its best predictor then reached).
+    -> (threshold, fraction of decisions it forecasts, their miss rate); (1.0, 0.0, 0.0) when none qualifies."""
+    s, c = np.ravel(best_stability), np.ravel(cosine)
+    keep = np.isfinite(s) & np.isfinite(c)
+    s, c = s[keep], c[keep]
+    if not len(s):
+        raise CalibrationError("no AFCache decisions to calibrate on")
+    order = np.argsort(-s, kind="stable")
+    misses = np.cumsum(c[order] < target) / np.arange(1, len(s) + 1)
+    ok = np.nonzero(misses <= tolerance)[0]
+    # ties: a threshold allows every decision at its stability, so only the last of a run of equals counts
+    ok = ok[(ok == len(s) - 1) | (s[order][np.minimum(ok + 1, len(s) - 1)] < s[order][ok])]
+    if not len(ok):
+        return 1.0, 0.0, 0.0
+    k = ok[-1]
+    return float(s[order][k]), (k + 1) / len(s), float(misses[k])
 
 
 def save_calibration(path, data):

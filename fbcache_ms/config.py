@@ -40,7 +40,8 @@ class CacheConfig:
       alpha:     level of the chi-square test: a step is reused when its change is not significant at alpha
       motion_ratio: fraction of image tokens that run on a computed step (the most changed); 1 = all
     AFCache (afcache.py): per block and step, run or forecast the block's residual by its most stable predictor
-      threshold: a block runs when its best stability (EMA of cosine similarity) is below this (1 = all run)
+      threshold: a block runs when its best stability (EMA of cosine similarity) is below this (1 = all run;
+                 default: the calibration's afcache.threshold when `calibration` is given, else 0.8)
       budget:    instead of threshold: the fraction of an uncached call's blocks to run, spent on the least
                  stable blocks (None: threshold mode)
       order:     the highest Taylor order among the predictors (0 = reuse only)
@@ -69,7 +70,10 @@ class CacheConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown cache method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.threshold is None:
-            object.__setattr__(self, "threshold", DEFAULT_THRESHOLDS.get(self.method, 0.0))
+            if self.method == "afcache" and self.calibration is not None:
+                object.__setattr__(self, "threshold", calib.afcache_threshold(self.calibration))
+            else:
+                object.__setattr__(self, "threshold", DEFAULT_THRESHOLDS.get(self.method, 0.0))
         limit = 1.0 if self.uses_fbcache or self.method in ("none", "afcache") else math.inf
         if not (isinstance(self.threshold, (int, float)) and 0.0 <= float(self.threshold) <= limit):
             raise ValueError(f"threshold must be in [0, {limit:g}] for {self.method}, got {self.threshold}")
@@ -170,6 +174,8 @@ class CacheConfig:
             parts.append(f"max_skip {self.max_skip}, retention {self.retention:g}")
         if self.method == "afcache":
             parts.append(f"order {self.order}, interval {self.interval}, warmup {self.warmup}")
+            if self.calibration is not None:
+                parts.append(f"calibration {os.path.basename(self.calibration)}")
         if self.method == "fastcache":
             parts.append(f"alpha {self.alpha:g}, motion ratio {self.motion_ratio:g}")
         if self.fourier_ratio < 1:

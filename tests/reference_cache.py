@@ -143,6 +143,7 @@ class ReferenceCache:
         self.history = {}  # key -> [(step, value)] of full steps
         self.changes = []  # FBCache's relative change at each step that had a reference
         self.budget, self.stability, self.strategies = budget, None, []  # AFCache
+        self.stability_trace, self.cosines = [], []  # AFCache: per step, after it; the cosines it measured
 
     def _remember(self, key, step, value):
         self.history.setdefault(key, []).append((step, value.double().numpy()))
@@ -241,6 +242,7 @@ class ReferenceCache:
         if self.stability is None:
             self.stability = np.full((n, self.order + 1), 0.5)
         run, best_p = self._afcache_runs(step, n)
+        cosines = np.full((n, self.order + 1), np.nan)
         for b in range(n):
             keys = (("h", b), ("e", b))
             if run[b]:
@@ -252,7 +254,8 @@ class ReferenceCache:
                                  for k, r in zip(keys, fresh)]
                         dot = sum((f * r).sum() for f, r in pairs)
                         norms = sum((f * f).sum() for f, _ in pairs) * sum((r * r).sum() for _, r in pairs)
-                        self.stability[b, p] = 0.9 * self.stability[b, p] + 0.1 * dot / math.sqrt(norms)
+                        cosines[b, p] = dot / math.sqrt(norms)
+                        self.stability[b, p] = 0.9 * self.stability[b, p] + 0.1 * cosines[b, p]
                 for k, r in zip(keys, fresh):
                     self._remember(k, step, r)
                 h, e = new_h, new_e
@@ -260,6 +263,8 @@ class ReferenceCache:
                 h = h + torch.from_numpy(newton_forecast(self.history[keys[0]], step, best_p[b])).to(h.dtype)
                 e = e + torch.from_numpy(newton_forecast(self.history[keys[1]], step, best_p[b])).to(e.dtype)
         self.strategies.append([0 if r else 1 + int(p) for r, p in zip(run, best_p)])
+        self.stability_trace.append(self.stability.copy())
+        self.cosines.append(cosines)
         return flux.head(h, temb), bool(run.all())
 
     def step(self, flux, step, *inputs):

@@ -51,6 +51,50 @@ def test_afcache_matches_reference(torch_dev_pipeline, dev_pipeline, cache):
     assert rel_err(out.images, expected) < 1e-4
 
 
+def test_calibration_recovers_the_measured_cosines_and_fits_a_threshold(torch_dev_pipeline, dev_pipeline,
+                                                                        tmp_path):
+    """Every block running: the recorded stabilities are the reference's, the cosines recovered from them are
+    the ones the reference measured, and a calibrated threshold becomes the default one."""
+    from fbcache_ms import calibration as calib
+    from fbcache_ms.afcache import EMA_KEEP, START
+
+    kw = dict(threshold=1.0, order=2, **SCHEDULE)
+    reference_run(torch_dev_pipeline, _latents(seed=4), "a cat", method="afcache", steps=STEPS, **kw)
+    ref = reference_run.caches["cond"]
+    out = run(dev_pipeline, CacheConfig("afcache", **kw))
+    trace = np.asarray(out.cache_stats.stability["cond"])
+    np.testing.assert_allclose(trace, np.asarray(ref.stability_trace), atol=1e-5)
+    cosines = calib.forecast_cosines(trace, EMA_KEEP, START)
+    measured = np.asarray(ref.cosines)
+    np.testing.assert_array_equal(np.isnan(cosines), np.isnan(measured))
+    np.testing.assert_allclose(cosines[~np.isnan(cosines)], measured[~np.isnan(measured)], atol=2e-4)
+
+    before = np.concatenate([np.full_like(trace[:1], START), trace[:-1]])
+    best = before.max(-1)[3:]
+    reached = np.take_along_axis(cosines, before.argmax(-1)[..., None], -1)[..., 0][3:]
+    target = float(reached.ravel()[np.argmax(best)])  # the most stable decision reaches it: some threshold fits
+    threshold, fraction, missed = calib.fit_afcache_threshold(best, reached, target, 0.5)
+    allowed = best >= threshold
+    assert allowed.mean() == pytest.approx(fraction) and fraction > 0
+    assert (reached[allowed] < target).mean() == pytest.approx(missed) and missed <= 0.5
+    for lower in best[~allowed]:  # every lower threshold would break the tolerance
+        assert (reached[best >= lower] < target).mean() > 0.5
+    path = str(tmp_path / "af.json")
+    calib.save_calibration(path, {"afcache": {"threshold": threshold}})
+    assert CacheConfig("afcache", calibration=path).threshold == threshold
+    assert CacheConfig("afcache", calibration=path, threshold=0.3).threshold == 0.3
+
+
+def test_threshold_fit_on_known_decisions():
+    from fbcache_ms.calibration import fit_afcache_threshold
+    s = np.array([0.9, 0.8, 0.8, 0.7, 0.6])
+    c = np.array([0.99, 0.99, 0.90, 0.99, 0.5])
+    # allowing 0.8 admits both decisions at 0.8, one of which misses: 1/3 > 0.2, so only 0.9 qualifies
+    assert fit_afcache_threshold(s, c, 0.95, 0.2) == (0.9, 0.2, 0.0)
+    assert fit_afcache_threshold(s, c, 0.95, 0.34) == (0.7, 0.8, 0.25)
+    assert fit_afcache_threshold(s, c, 0.999, 0.0) == (1.0, 0.0, 0.0)  # none qualifies: every block runs
+
+
 @pytest.mark.parametrize("budget", [0.7, 0.6])
 def test_budget_runs_the_promised_blocks(dev_pipeline, budget):
     out = run(dev_pipeline, CacheConfig("afcache", budget=budget, order=2, **SCHEDULE))
