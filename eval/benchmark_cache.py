@@ -52,7 +52,8 @@ def parse_args(argv=None):
 # each method's bookkeeping with nothing reused: FBCache and TeaCache at threshold 0 (FLUX's TeaCache
 # polynomial is >= 0.18 everywhere, so its sum never stays below 0), MagCache with every step retained
 NO_HIT = {"fbcache(0)": CacheConfig("fbcache", threshold=0.0), "teacache(0)": CacheConfig("teacache", threshold=0.0),
-          "magcache(retain all)": CacheConfig("magcache", retention=1.0)}
+          "magcache(retain all)": CacheConfig("magcache", retention=1.0),
+          "afcache(threshold 1)": CacheConfig("afcache", threshold=1.0, order=2)}
 
 
 def no_hit_overhead(pipe, call, rounds, steps):
