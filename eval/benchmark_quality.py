@@ -187,7 +187,7 @@ def _signature(args, name, prompts):
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-BATCH_FORMAT = 3  # 2: per-step signals saved with each batch; 3: cache state bytes
+BATCH_FORMAT = 4  # 2: per-step signals saved with each batch; 3: cache state bytes; 4: AFCache strategies
 
 
 def _save_atomic(path, **arrays):

@@ -42,56 +42,46 @@ def parse_args(argv=None):
     return args
 
 
-def _probe_cell(transformer):
-    """A cell returning the velocity and the tensors each cache reads, for one uncached step."""
-    from mindspore import nn
-    from models.layers import layer_norm, modulate
-
-    class Probe(nn.Cell):
-        def __init__(self, t):
-            super().__init__()
-            self.t = t
-
-        def construct(self, x, embeds, pooled, timestep, img_ids, txt_ids, guidance):
-            t = self.t
-            h, e, temb, cos, sin = t.embed(x, embeds, pooled, timestep, img_ids, txt_ids, guidance)
-            block0 = t.transformer_blocks[0]
-            mods = block0.modulation(temb)
-            modulated = modulate(layer_norm(h, 1e-6), mods[0], mods[1])
-            h0, e0 = block0(h, e, temb, cos, sin)
-            h_out, _ = t.run_blocks(h0, e0, temb, cos, sin, 1)
-            return t.head(h_out, temb), modulated, h0 - h, h_out - h
-
-    return Probe(transformer)
-
-
 def _rel_l1(a, b):
     """Per image: mean |a - b| / mean |b| over all but the first axis."""
     axes = tuple(range(1, a.ndim))
     return np.abs(a - b).mean(axes) / (np.abs(b).mean(axes) + 1e-8)
 
 
-def record_signals(pipe, prompts, steps):
+def uncached_trajectory(pipe, prompts, steps, probe, size=None, max_sequence_length=None):
+    """Run `prompts` uncached (image k: seed k; the model's default size and text length unless given) with
+    `probe`, a cell of the transformer's inputs returning (velocity, *tensors); yields (step index, velocity,
+    [tensors as numpy]) after each step."""
     import mindspore as ms
-    from fbcache_ms.calibration import FLUX_DEV, teacache_coefficients
     from pipelines.flux_pipeline import latent_image_ids
     from pipelines.scheduling import euler_step, flux_timesteps
 
-    step_fn = ms.jit(_probe_cell(pipe.transformer).construct)
-    batch, size, seq = len(prompts), pipe.default_size, pipe.default_sequence_length
+    step_fn = ms.jit(probe.construct)
+    batch, size = len(prompts), size or pipe.default_size
+    seq = max_sequence_length or pipe.default_sequence_length
     embeds, pooled = pipe.encode_prompt(prompts, 1, seq)
-    grid = 2 * (size // (2 * pipe.vae_scale_factor))  # latent rows and columns of the model's image size
+    grid = 2 * (size // (2 * pipe.vae_scale_factor))  # latent rows and columns of the image size
     gens = [np.random.default_rng(k) for k in range(batch)]  # image k: seed k, as fbcache_sweep
     x = ms.Tensor(pipe._initial_latents(batch, grid, grid, None, gens, None))
     img_ids, txt_ids = ms.Tensor(latent_image_ids(grid, grid)), ms.Tensor(np.zeros((seq, 3), np.float32))
     guidance = ms.Tensor(np.full(batch, 3.5, np.float32))  # read only by guidance-distilled models
     timesteps, sigmas = flux_timesteps(pipe.scheduler, steps, x.shape[1])
-    prev, sig = None, {k: [] for k in ("fbcache", "teacache", "teacache_rescaled", "output", "magcache_ratio")}
-    poly = np.poly1d(teacache_coefficients(FLUX_DEV))
     for i, t in enumerate(timesteps):
         timestep = ms.Tensor(np.full(batch, t / 1000, np.float32))
-        v, modulated, r1, residual = (a.asnumpy() for a in step_fn(x, embeds, pooled, timestep, img_ids, txt_ids,
-                                                                     guidance))
+        v, *tensors = step_fn(x, embeds, pooled, timestep, img_ids, txt_ids, guidance)
+        yield i, v, [a.asnumpy() for a in tensors]
+        x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+
+
+def record_signals(pipe, prompts, steps):
+    from eval.probes import probe_cell, read_signals
+    from fbcache_ms.calibration import FLUX_DEV, teacache_coefficients
+
+    prev, sig = None, {k: [] for k in ("fbcache", "teacache", "teacache_rescaled", "output", "magcache_ratio")}
+    poly = np.poly1d(teacache_coefficients(FLUX_DEV))
+    probe = probe_cell(pipe.transformer, read_signals)
+    for i, v, (modulated, r1, residual) in uncached_trajectory(pipe, prompts, steps, probe):
+        v = v.asnumpy()
         if prev is not None:
             pv, pm, pr1, pres = prev
             sig["fbcache"].append(_rel_l1(r1, pr1))
@@ -100,7 +90,6 @@ def record_signals(pipe, prompts, steps):
             sig["output"].append(_rel_l1(v, pv))
             sig["magcache_ratio"].append((np.linalg.norm(residual, axis=-1) / np.linalg.norm(pres, axis=-1)).mean(1))
         prev = (v, modulated, r1, residual)
-        x = euler_step(x, ms.Tensor(v), sigmas[i], sigmas[i + 1])
     return {k: np.stack(v, 1) for k, v in sig.items()}  # [images, steps - 1]
 
 

@@ -2,9 +2,10 @@
 - TeaCache: the relative L1 change of block 0's modulated input (x) and of the model output (y); a degree-4
   least-squares polynomial y ~ poly(x) is what TeaCache's accumulator adds per step (the authors' procedure);
 - MagCache: gamma_t, the mean over tokens of |r_t| / |r_t-1| for the block stack's image residual r;
-- AFCache: with every block running, each block's stability (its EMA) before each step and the cosine its best
-  predictor then reached; the threshold is the lowest stability whose forecasts miss --target-cosine in at most
-  --tolerance of the decisions (steps of AFCache's default schedule that are not full steps).
+- AFCache: every block's residual at every step; its threshold rule (default schedule, order 2) is replayed per
+  block at each threshold of a grid, open loop (the block forecasts from the steps it ran, its stability
+  updates when it runs), and the threshold is the lowest at and above which the forecasts miss --target-cosine
+  in at most --tolerance of cases.
 Writes one JSON file (load it with --calibration FILE or CacheConfig(calibration=FILE)) and a plot of the fits
 beside it.
 
@@ -36,8 +37,9 @@ def parse_args(argv=None):
                         "(default 0.98)")
     p.add_argument("--tolerance", type=float, default=0.1,
                    help="AFCache: fraction of allowed forecasts that may miss --target-cosine (default 0.1)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="AFCache: prompts per call; its cache decides per call, as in generation (default 8)")
+    p.add_argument("--batch-size", type=int, default=25,
+                   help="AFCache: prompts per call; its cosine pools the call, as in generation (default 25, "
+                        "benchmark_quality's)")
     args = p.parse_args(argv)
     if not 0.0 < args.target_cosine < 1.0:
         p.error(f"--target-cosine must be in (0, 1), got {args.target_cosine}")
@@ -47,8 +49,8 @@ def parse_args(argv=None):
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if not 1 <= args.prompts <= 1024:
         p.error(f"--prompts must be in 1..1024, got {args.prompts}")
-    if args.steps < 3:
-        p.error(f"--steps must be at least 3, got {args.steps}")
+    if args.steps < 5:
+        p.error(f"--steps must be at least 5 (AFCache's default schedule runs the first 4 fully), got {args.steps}")
     if not os.path.isdir(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
     if not args.out.endswith(".json"):
@@ -68,38 +70,44 @@ def parse_args(argv=None):
     return args
 
 
-def afcache_decisions(pipe, prompts, steps, batch_size):
-    """AFCache with every block running (the uncached model) -> (best stability before the step, cosine its best
-    predictor reached), each [calls, decision steps, blocks], on the steps its default schedule does not run fully."""
+AFCACHE_THRESHOLDS = np.round(np.arange(0.30, 1.0001, 0.02), 2)
+
+
+def afcache_calibration(pipe, prompts, steps, batch_size, cache, thresholds=AFCACHE_THRESHOLDS, **size):
+    """AFCache's threshold rule simulated per block (fbcache_ms.calibration.simulate_afcache) on every block's
+    residuals of uncached runs, at each threshold. -> (decisions [thresholds], forecast cosines [thresholds][])."""
+    from eval.cache_signals import uncached_trajectory
+    from eval.probes import probe_cell, read_block_residuals
     from fbcache_ms.afcache import EMA_KEEP, START
-    from fbcache_ms.calibration import forecast_cosines
-    from fbcache_ms.config import CacheConfig
+    from fbcache_ms.calibration import simulate_afcache
 
-    cache = CacheConfig("afcache", threshold=1.0, order=2)
-    decide = [i for i in range(steps) if not cache.is_full_step(i)]
-    best, reached = [], []
+    full = [cache.is_full_step(i) for i in range(steps)]
+    probe = probe_cell(pipe.transformer, read_block_residuals)
+    decisions, cosines = np.zeros(len(thresholds), int), [[] for _ in thresholds]
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        out = pipe(batch, num_inference_steps=steps, generator=[np.random.default_rng(start + k) for k in range(len(batch))],
-                   output_type="latent", progress=False, cache=cache, max_sequence_length=pipe.default_sequence_length)
-        after = np.asarray(out.cache_stats.stability["cond"], np.float64)  # [steps, blocks, predictors]
-        before = np.concatenate([np.full_like(after[:1], START), after[:-1]])
-        cosine = forecast_cosines(after, EMA_KEEP, START)
-        p_best = before.argmax(-1)  # ties: the lower order, as the policy picks
-        best.append(before.max(-1)[decide])
-        reached.append(np.take_along_axis(cosine, p_best[..., None], -1)[..., 0][decide])
-    return np.stack(best), np.stack(reached)
+        residuals = np.stack([r for _, _, (r,) in uncached_trajectory(pipe, prompts[start:start + batch_size], steps,
+                                                                   probe, **size)])  # [steps, blocks, B, T, D]
+        for b in range(residuals.shape[1]):
+            for k, threshold in enumerate(thresholds):
+                d, c, _ = simulate_afcache(residuals[:, b], full, threshold, cache.order, EMA_KEEP, START)
+                decisions[k] += d
+                cosines[k] += c
+    return decisions, cosines
 
 
-def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=8):
+def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=25):
     """-> (calibration dict, signals) from uncached runs of `prompts`."""
     from eval.cache_signals import record_signals
     from fbcache_ms import calibration as calib
+    from fbcache_ms.config import CacheConfig
 
-    best, reached = afcache_decisions(pipe, prompts, steps, batch_size)
-    threshold, fraction, missed = calib.fit_afcache_threshold(best, reached, target_cosine, tolerance)
+    cache = CacheConfig("afcache", order=2)  # its default schedule: the one `--calibration` alone runs
+    decisions, cosines = afcache_calibration(pipe, prompts, steps, batch_size, cache)
+    threshold, fraction, missed = calib.fit_afcache_threshold(AFCACHE_THRESHOLDS, decisions, cosines,
+                                                              target_cosine, tolerance)
     sig = record_signals(pipe, prompts, steps)
-    sig["afcache_best"], sig["afcache_cosine"] = best, reached
+    sig["afcache_miss"] = [float(np.mean(np.asarray(c) < target_cosine)) if len(c) else 0.0 for c in cosines]
+    sig["afcache_forecast"] = [len(c) / max(d, 1) for c, d in zip(cosines, decisions)]
     coefficients, r2 = calib.fit_teacache(sig["teacache"], sig["output"])
     data = {"steps": steps, "prompts": len(prompts),
             "teacache": {"coefficients": coefficients, "r2": r2, "points": int(sig["teacache"].size),
@@ -107,8 +115,9 @@ def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_siz
             "magcache": {"ratios": calib.mean_magnitude_ratios(sig["magcache_ratio"]),
                          "ratio_std_over_prompts": [0.0] + [float(v) for v in sig["magcache_ratio"].std(0)]},
             "afcache": {"threshold": threshold, "target_cosine": target_cosine, "tolerance": tolerance,
-                        "forecast_fraction": fraction, "miss_rate": missed, "decisions": int(np.isfinite(reached).sum()),
-                        "batch_size": batch_size}}
+                        "forecast_fraction": fraction, "miss_rate": missed, "order": cache.order,
+                        "warmup": cache.warmup, "interval": cache.interval, "batch_size": batch_size,
+                        "decisions": int(decisions[0])}}
     return data, sig
 
 
@@ -149,15 +158,15 @@ def plot(data, sig, path):
     ax.legend()
     ax = axes[3]
     af = data["afcache"]
-    s, c = sig["afcache_best"].ravel(), sig["afcache_cosine"].ravel()
-    ax.scatter(s, c, s=4, alpha=0.3, label="block decisions (stability before the step, cosine reached)")
-    ax.axhline(af["target_cosine"], color="C2", ls="--", label=f"target cosine {af['target_cosine']:g}")
-    ax.axvline(af["threshold"], color="C1", label=f"threshold {af['threshold']:.3f}: forecasts "
+    ax.plot(AFCACHE_THRESHOLDS, sig["afcache_forecast"], "o-", ms=3, label="block decisions forecast")
+    ax.plot(AFCACHE_THRESHOLDS, sig["afcache_miss"], "o-", ms=3,
+            label=f"forecasts below cosine {af['target_cosine']:g}")
+    ax.axhline(af["tolerance"], color="C2", ls="--", label=f"tolerance {af['tolerance']:g}")
+    ax.axvline(af["threshold"], color="C3", label=f"threshold {af['threshold']:.2f}: forecasts "
                                                    f"{af['forecast_fraction']:.0%}, {af['miss_rate']:.0%} miss")
-    ax.set_xlabel("block's best stability before the step")
-    ax.set_ylabel("cosine of its best forecast")
-    ax.set_title("AFCache stability threshold")
-    ax.set_ylim(max(-0.05, float(np.nanmin(c)) - 0.02), 1.005)
+    ax.set_xlabel("stability threshold (the rule replayed per block)")
+    ax.set_ylabel("fraction")
+    ax.set_title(f"AFCache threshold (order {af['order']}, warm-up {af['warmup']}, interval {af['interval']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

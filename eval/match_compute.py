@@ -70,7 +70,7 @@ def parse_args(argv=None):
                   for i in range(args.steps))
     if min(args.fractions) < af_full / args.steps:
         p.error(f"--fractions {min(args.fractions):g} is below AFCache's full steps alone ({af_full} of {args.steps}): "
-                "raise --afcache-interval or --afcache-warmup")
+                "raise --afcache-interval or lower --afcache-warmup")
     return args
 
 
@@ -169,9 +169,10 @@ def main(argv=None):
             else:
                 settings[f"{name}-b{tag}"] = dict(pts["base"], threshold=round(th, 4))
     from fbcache_ms.calibration import load_calibration
-    if "afcache" in load_calibration(args.calibration):  # not equal compute: its calibrated threshold, beside
-        settings["afcache-calibrated"] = dict(method="afcache", order=2, warmup=args.afcache_warmup,
-                                              interval=args.afcache_interval,
+    af = load_calibration(args.calibration).get("afcache")
+    if af:  # not equal compute: its calibrated threshold on the schedule it was calibrated for, beside
+        settings["afcache-calibrated"] = dict(method="afcache", order=af.get("order", 2), warmup=af.get("warmup", 3),
+                                              interval=af.get("interval", 5),
                                               calibration=os.path.relpath(args.calibration))
     stem = args.out[:-len(".json")]
     for path, data in ((args.out, settings), (stem + "_sweeps.json", points)):

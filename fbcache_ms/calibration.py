@@ -97,36 +97,68 @@ def mean_magnitude_ratios(per_image_ratios):
     return [1.0] + [float(v) for v in np.mean(per_image_ratios, axis=0)]
 
 
-def forecast_cosines(stability, ema_keep, start):
-    """AFCache's per-step cosine of each predictor's forecast, recovered from its stability EMA in a run where
-    every block ran: stability [steps, blocks, predictors] (after each step) -> cosine [steps, blocks, predictors],
-    NaN where the predictor had no history yet (step i: p < i earlier runs)."""
-    s = np.asarray(stability, np.float64) - start
-    before = np.concatenate([np.zeros_like(s[:1]), s[:-1]])
-    cosine = start + (s - ema_keep * before) / (1 - ema_keep)
-    steps, predictors = np.arange(len(s))[:, None, None], np.arange(s.shape[2])[None, None, :]
-    return np.where(steps > predictors, cosine, np.nan)
+class NewtonHistory:
+    """numpy twin of state.TaylorFeature: Newton divided differences of a feature over the steps it was computed."""
+
+    def __init__(self, order):
+        self.order, self.diffs, self.positions = order, [], []
+
+    def update(self, x, step):
+        new = [x]
+        for i in range(min(len(self.diffs), self.order)):
+            new.append((new[i] - self.diffs[i]) / (step - self.positions[i]))
+        self.diffs, self.positions = new, ([step] + self.positions)[:self.order + 1]
+
+    def forecasts(self, step):
+        """The forecast at `step` by each predictor p = 0 .. (terms with history) - 1: each adds one term."""
+        out, weight = [], 1.0
+        for p, d in enumerate(self.diffs):
+            if p:
+                weight *= step - self.positions[p - 1]
+            out.append(d if p == 0 else out[-1] + d * weight)
+        return out
 
 
-def fit_afcache_threshold(best_stability, cosine, target, tolerance):
-    """The lowest stability threshold whose forecasts (a block forecasts when its best stability is at least the
-    threshold) miss `target` cosine in at most `tolerance` of cases. best_stability, cosine: one entry per
-    block decision (the stability before the step, the cosine its best predictor then reached).
-    -> (threshold, fraction of decisions it forecasts, their miss rate); (1.0, 0.0, 0.0) when none qualifies."""
-    s, c = np.ravel(best_stability), np.ravel(cosine)
-    keep = np.isfinite(s) & np.isfinite(c)
-    s, c = s[keep], c[keep]
-    if not len(s):
-        raise CalibrationError("no AFCache decisions to calibrate on")
-    order = np.argsort(-s, kind="stable")
-    misses = np.cumsum(c[order] < target) / np.arange(1, len(s) + 1)
-    ok = np.nonzero(misses <= tolerance)[0]
-    # ties: a threshold allows every decision at its stability, so only the last of a run of equals counts
-    ok = ok[(ok == len(s) - 1) | (s[order][np.minimum(ok + 1, len(s) - 1)] < s[order][ok])]
-    if not len(ok):
+def _cosine(a, b):
+    return float(np.vdot(a, b) / (np.sqrt(np.vdot(a, a) * np.vdot(b, b)) + 1e-8))
+
+
+def simulate_afcache(residuals, full, threshold, order, ema_keep, start):
+    """AFCache's threshold rule on one block, open loop: residuals [steps, ...] are the block's fresh residuals
+    in an uncached run (one call; the cosine pools everything, as the policy does), full [steps] the schedule's
+    full steps. The block runs on full steps and while its best stability is below `threshold`; otherwise it is
+    forecast by its most stable predictor from the steps it ran, and the cosine of that forecast with the fresh
+    residual is recorded. Open loop: the other blocks' forecast errors do not reach this block's input.
+    -> (decision steps, [cosine of each forecast], [ran, per step])."""
+    history, stability, cosines, decisions, ran = NewtonHistory(order), np.full(order + 1, start), [], 0, []
+    for i, r in enumerate(residuals):
+        r = np.asarray(r, np.float64).ravel()
+        best = int(np.argmax(stability))  # ties: the lower order, as the policy
+        decisions += not full[i]
+        forecasts = history.forecasts(i)
+        ran.append(bool(full[i] or threshold >= 1.0 or stability[best] < threshold))
+        if ran[-1]:
+            for p, f in enumerate(forecasts):
+                stability[p] = ema_keep * stability[p] + (1 - ema_keep) * _cosine(f, r)
+            history.update(r, i)
+        else:
+            cosines.append(_cosine(forecasts[min(best, len(forecasts) - 1)], r))
+    return decisions, cosines, ran
+
+
+def fit_afcache_threshold(thresholds, decisions, cosines, target, tolerance):
+    """thresholds ascending; decisions[k], cosines[k]: all blocks' decision steps and forecast cosines at
+    thresholds[k]. -> (the lowest threshold at and above which the forecasts miss `target` in at most `tolerance`
+    of cases, the fraction of decisions it forecasts, its miss rate); 1.0 (every block runs) when none does."""
+    miss = [float(np.mean(np.asarray(c) < target)) if len(c) else 0.0 for c in cosines]
+    best = len(thresholds)
+    for k in range(len(thresholds) - 1, -1, -1):
+        if miss[k] > tolerance:
+            break
+        best = k
+    if best == len(thresholds):
         return 1.0, 0.0, 0.0
-    k = ok[-1]
-    return float(s[order][k]), (k + 1) / len(s), float(misses[k])
+    return float(thresholds[best]), len(cosines[best]) / max(decisions[best], 1), miss[best]
 
 
 def save_calibration(path, data):

@@ -51,48 +51,74 @@ def test_afcache_matches_reference(torch_dev_pipeline, dev_pipeline, cache):
     assert rel_err(out.images, expected) < 1e-4
 
 
-def test_calibration_recovers_the_measured_cosines_and_fits_a_threshold(torch_dev_pipeline, dev_pipeline,
-                                                                        tmp_path):
-    """Every block running: the recorded stabilities are the reference's, the cosines recovered from them are
-    the ones the reference measured, and a calibrated threshold becomes the default one."""
+def test_stabilities_after_each_step_are_the_references(torch_dev_pipeline, dev_pipeline):
+    kw = dict(threshold=1.0, order=2, **SCHEDULE)
+    reference_run(torch_dev_pipeline, _latents(seed=4), "a cat", method="afcache", steps=STEPS, **kw)
+    out = run(dev_pipeline, CacheConfig("afcache", **kw))
+    np.testing.assert_allclose(np.asarray(out.cache_stats.stability["cond"]),
+                               np.asarray(reference_run.caches["cond"].stability_trace), atol=1e-5)
+
+
+def test_newton_history_is_the_reference_forecast():
+    from fbcache_ms.calibration import NewtonHistory
+    from reference_cache import newton_forecast
+    rng = np.random.default_rng(0)
+    history, points = NewtonHistory(2), []
+    for step in (0, 1, 3, 7):  # uneven spacing, as full steps are
+        value = rng.normal(size=6)
+        history.update(value, step)
+        points.append((step, value))
+        for p, forecast in enumerate(history.forecasts(9)):
+            np.testing.assert_allclose(forecast, newton_forecast(points, 9, p), rtol=1e-12)
+
+
+def test_calibration_replays_the_policy_and_fits_a_threshold(dev_pipeline, tmp_path):
+    """Open-loop replay of the threshold rule on the uncached residuals: on the first decision step nothing has
+    been forecast yet, so the replay must pick exactly the blocks the policy picks."""
+    from eval.cache_signals import uncached_trajectory
+    from eval.calibrate_cache import afcache_calibration
+    from eval.probes import probe_cell, read_block_residuals
     from fbcache_ms import calibration as calib
     from fbcache_ms.afcache import EMA_KEEP, START
 
-    kw = dict(threshold=1.0, order=2, **SCHEDULE)
-    reference_run(torch_dev_pipeline, _latents(seed=4), "a cat", method="afcache", steps=STEPS, **kw)
-    ref = reference_run.caches["cond"]
-    out = run(dev_pipeline, CacheConfig("afcache", **kw))
-    trace = np.asarray(out.cache_stats.stability["cond"])
-    np.testing.assert_allclose(trace, np.asarray(ref.stability_trace), atol=1e-5)
-    cosines = calib.forecast_cosines(trace, EMA_KEEP, START)
-    measured = np.asarray(ref.cosines)
-    np.testing.assert_array_equal(np.isnan(cosines), np.isnan(measured))
-    np.testing.assert_allclose(cosines[~np.isnan(cosines)], measured[~np.isnan(measured)], atol=2e-4)
+    cache = CacheConfig("afcache", order=2, threshold=1.0, **SCHEDULE)
+    probe = probe_cell(dev_pipeline.transformer, read_block_residuals)
+    size = dict(size=CALL["height"], max_sequence_length=CALL["max_sequence_length"])
+    residuals = np.stack([r for _, _, (r,) in uncached_trajectory(dev_pipeline, ["a cat"], STEPS, probe, **size)])
+    out = dev_pipeline("a cat", seed=0, cache=cache, **CALL)  # every block runs: the probe's trajectory
+    before = np.asarray(out.cache_stats.stability["cond"])[2].max(1)  # best stabilities before step 3
+    threshold = float(np.sort(before)[2:4].mean())  # between two blocks' stabilities: 3 run, 2 forecast
+    policy = dev_pipeline("a cat", seed=0, cache=CacheConfig("afcache", order=2, threshold=threshold, **SCHEDULE),
+                          **CALL).cache_stats.strategies["cond"][3]
+    full = [cache.is_full_step(i) for i in range(STEPS)]
+    replay = [calib.simulate_afcache(residuals[:, b], full, threshold, 2, EMA_KEEP, START)[2][3]
+              for b in range(BLOCKS)]
+    assert replay == [c == 0 for c in policy] and 0 < sum(replay) < BLOCKS
 
-    before = np.concatenate([np.full_like(trace[:1], START), trace[:-1]])
-    best = before.max(-1)[3:]
-    reached = np.take_along_axis(cosines, before.argmax(-1)[..., None], -1)[..., 0][3:]
-    target = float(reached.ravel()[np.argmax(best)])  # the most stable decision reaches it: some threshold fits
-    threshold, fraction, missed = calib.fit_afcache_threshold(best, reached, target, 0.5)
-    allowed = best >= threshold
-    assert allowed.mean() == pytest.approx(fraction) and fraction > 0
-    assert (reached[allowed] < target).mean() == pytest.approx(missed) and missed <= 0.5
-    for lower in best[~allowed]:  # every lower threshold would break the tolerance
-        assert (reached[best >= lower] < target).mean() > 0.5
+    thresholds = np.array([0.0, 0.5, 0.9, 1.0])
+    decisions, cosines = afcache_calibration(dev_pipeline, ["a cat"], STEPS, 1, cache, thresholds, **size)
+    assert list(decisions) == [4 * BLOCKS] * 4 and cosines[-1] == []  # 4 decision steps; 1 runs every block
+    assert len(cosines[0]) == 4 * BLOCKS  # threshold 0: every decision forecasts
+    target = float(np.median(cosines[0]))
+    chosen, fraction, missed = calib.fit_afcache_threshold(thresholds, decisions, cosines, target, 0.5)
+    k = list(thresholds).index(chosen)
+    assert fraction == len(cosines[k]) / decisions[k] and missed <= 0.5
+    assert all(np.mean(np.asarray(c) < target) <= 0.5 for c in cosines[k:] if c)
     path = str(tmp_path / "af.json")
-    calib.save_calibration(path, {"afcache": {"threshold": threshold}})
-    assert CacheConfig("afcache", calibration=path).threshold == threshold
+    calib.save_calibration(path, {"afcache": {"threshold": chosen}})
+    assert CacheConfig("afcache", calibration=path).threshold == chosen
     assert CacheConfig("afcache", calibration=path, threshold=0.3).threshold == 0.3
 
 
-def test_threshold_fit_on_known_decisions():
+def test_threshold_fit_takes_the_lowest_threshold_that_keeps_every_higher_one_within_tolerance():
     from fbcache_ms.calibration import fit_afcache_threshold
-    s = np.array([0.9, 0.8, 0.8, 0.7, 0.6])
-    c = np.array([0.99, 0.99, 0.90, 0.99, 0.5])
-    # allowing 0.8 admits both decisions at 0.8, one of which misses: 1/3 > 0.2, so only 0.9 qualifies
-    assert fit_afcache_threshold(s, c, 0.95, 0.2) == (0.9, 0.2, 0.0)
-    assert fit_afcache_threshold(s, c, 0.95, 0.34) == (0.7, 0.8, 0.25)
-    assert fit_afcache_threshold(s, c, 0.999, 0.0) == (1.0, 0.0, 0.0)  # none qualifies: every block runs
+    thresholds = [0.2, 0.4, 0.6, 0.8, 1.0]
+    decisions = [10] * 5
+    cosines = [[0.5] * 8 + [0.99] * 2, [0.99] * 6, [0.5, 0.99, 0.99], [0.99, 0.99], []]
+    # 0.6 misses 1/3: above a tolerance of 0.2, so 0.4 (all within) does not count: 0.8 is the answer
+    assert fit_afcache_threshold(thresholds, decisions, cosines, 0.95, 0.2) == (0.8, 0.2, 0.0)
+    assert fit_afcache_threshold(thresholds, decisions, cosines, 0.95, 0.34) == (0.4, 0.6, 0.0)
+    assert fit_afcache_threshold(thresholds, decisions, [[0.5]] * 4 + [[0.5]], 0.95, 0.0) == (1.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("budget", [0.7, 0.6])

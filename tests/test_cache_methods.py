@@ -238,11 +238,17 @@ def test_calibrate_command_writes_a_loadable_calibration(tmp_path):
     assert (tmp_path / "model.png").stat().st_size > 10_000
     cfg = CacheConfig("teacache", calibration=str(out))
     assert cfg.teacache_coefficients() == data["teacache"]["coefficients"]
+    af = data["afcache"]  # one call of 3 prompts; 6 steps of the default schedule: steps 4 and 5 decide, per block
+    assert af["decisions"] == 2 * 16 and (af["warmup"], af["interval"]) == (3, 5)
+    assert 0.3 <= af["threshold"] <= 1.0 and af["miss_rate"] <= af["tolerance"]
+    assert CacheConfig("afcache", calibration=str(out)).threshold == af["threshold"]
 
 
 @pytest.mark.parametrize("argv,match", [
     (["--out", "x.txt"], ".json"),
-    (["--out", "x.json", "--steps", "2"], "--steps"),
+    (["--out", "x.json", "--steps", "4"], "--steps"),
+    (["--out", "x.json", "--target-cosine", "1"], "--target-cosine"),
+    (["--out", "x.json", "--tolerance", "-0.1"], "--tolerance"),
     (["--out", "x.json", "--prompts", "0"], "--prompts"),
     (["--out", "x.json", "--checkpoint", "/nonexistent"], "--checkpoint"),
     (["--out", "x.json", "--prompt-file", "/nonexistent.txt"], "cannot be read"),

@@ -1,0 +1,49 @@
+"""Probes: cells that run one uncached step of the transformer and return, beside the velocity, the tensors an
+analysis reads (the signals the caches compare, every block's residual). Graph mode compiles a probe with its
+read function, so the functions here import at module level."""
+from mindspore import nn, ops
+
+from models.layers import layer_norm, modulate
+
+
+def probe_cell(transformer, read):
+    """A cell of the transformer's inputs: it embeds them and returns read(transformer, h, e, temb, cos, sin) ->
+    (velocity, *tensors)."""
+
+    class Probe(nn.Cell):
+        def __init__(self, t):
+            super().__init__()
+            self.t = t
+
+        def construct(self, x, embeds, pooled, timestep, img_ids, txt_ids, guidance):
+            return read(self.t, *self.t.embed(x, embeds, pooled, timestep, img_ids, txt_ids, guidance))
+
+    return Probe(transformer)
+
+
+def read_signals(t, h, e, temb, cos, sin):
+    """The velocity, block 0's modulated input (TeaCache), block 0's image residual (FBCache) and the stack's
+    image residual (MagCache)."""
+    block0 = t.transformer_blocks[0]
+    mods = block0.modulation(temb)
+    modulated = modulate(layer_norm(h, 1e-6), mods[0], mods[1])
+    h0, e0 = block0(h, e, temb, cos, sin)
+    h_out, _ = t.run_blocks(h0, e0, temb, cos, sin, 1)
+    return t.head(h_out, temb), modulated, h0 - h, h_out - h
+
+
+def read_block_residuals(t, h, e, temb, cos, sin):
+    """The velocity and every block's residual, [blocks, B, text + image tokens, dim] (a double block's text and
+    image streams side by side)."""
+    residuals = []
+    for block in t.transformer_blocks:
+        h_new, e_new = block(h, e, temb, cos, sin)
+        residuals.append(ops.cat([e_new - e, h_new - h], axis=1))
+        h, e = h_new, e_new
+    txt_len = e.shape[1]
+    x = ops.cat([e, h], axis=1)
+    for block in t.single_transformer_blocks:
+        x_new = block(x, temb, cos, sin)
+        residuals.append(x_new - x)
+        x = x_new
+    return t.head(x[:, txt_len:], temb), ops.stack(residuals)
