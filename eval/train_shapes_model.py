@@ -7,7 +7,9 @@ One command writes a complete diffusers-format FLUX.1 folder:
                              images; scaling_factor / shift_factor from the latent statistics as FLUX's
   transformer/               FluxTransformer2DModel trained with rectified flow on FLUX's shifted schedule,
                              with caption dropout (so true CFG with an empty negative prompt helps); the
-                             EMA of its weights is saved, in float16 to keep the folder small
+                             EMA of its weights is saved, in float16 to keep the folder small. Optionally
+                             (--distill-guidance) a continued run distils the model's true CFG into
+                             FLUX.1-dev's guidance embedding, as FLUX.1-dev was made from its teacher
   scheduler/                 FLUX.1-dev's FlowMatchEulerDiscreteScheduler (dynamic shifting)
 plus training_log.json (settings, losses, timings) and training_loss.png.
 
@@ -180,8 +182,37 @@ def zero_init_modulation(torch, model):
             layer.bias.zero_()
 
 
-def train_transformer(torch, model, vae, text, args, stream, history, gen, snapshot=None):
-    """Rectified flow: x_s = (1 - s) x0 + s noise, target noise - x0, s from FLUX's shifted schedule."""
+def add_guidance_embedder(torch, model):
+    """The same transformer with FLUX.1-dev's guidance embedding added, at zero: it predicts exactly what `model`
+    did, whatever the guidance, until distillation trains the embedding."""
+    from diffusers import FluxTransformer2DModel
+
+    student = FluxTransformer2DModel.from_config(model.config, guidance_embeds=True)
+    missing, unexpected = student.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("time_text_embed.guidance_embedder.") for k in missing):
+        raise RuntimeError(f"the guidance-embedding copy does not match the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    with torch.no_grad():
+        student.time_text_embed.guidance_embedder.linear_2.weight.zero_()
+        student.time_text_embed.guidance_embedder.linear_2.bias.zero_()
+    return student
+
+
+def guided_target(torch, teacher, xs, embeds, pooled, empty, sigma, guidance, img_ids, txt_ids):
+    """The teacher's true-CFG velocity v(empty) + g (v(caption) - v(empty)), one forward pass for both branches."""
+    batch = len(xs)
+    with torch.no_grad():
+        both = teacher(hidden_states=torch.cat([xs, xs]), encoder_hidden_states=torch.cat([embeds, empty[0].expand_as(embeds)]),
+                       pooled_projections=torch.cat([pooled, empty[1].expand_as(pooled)]),
+                       timestep=torch.cat([sigma, sigma]), img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+    cond, uncond = both[:batch], both[batch:]
+    return uncond + guidance[:, None, None] * (cond - uncond)
+
+
+def train_transformer(torch, model, vae, text, args, stream, history, gen, snapshot=None, teacher=None):
+    """Rectified flow: x_s = (1 - s) x0 + s noise, target noise - x0, s from FLUX's shifted schedule.
+    With a teacher (guidance distillation, as FLUX.1-dev was made): the target is the teacher's true-CFG velocity
+    at a guidance g drawn per sample from [1, args.distill_guidance], and the student is told g."""
     from tqdm.auto import tqdm
     from pipelines.scheduling import calculate_shift
 
@@ -194,6 +225,7 @@ def train_transformer(torch, model, vae, text, args, stream, history, gen, snaps
     img_ids = img_ids.reshape(-1, 3)
     txt_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    empty = text([""]) if teacher is not None else None
 
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -216,9 +248,14 @@ def train_transformer(torch, model, vae, text, args, stream, history, gen, snaps
         sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))  # FLUX's time shift at this resolution
         noise = torch.randn(x0.shape, generator=gen)
         xs = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        extra, target = {}, noise - x0
+        if teacher is not None:
+            guidance = 1 + (args.distill_guidance - 1) * torch.rand(len(captions), generator=gen)
+            target = guided_target(torch, teacher, xs, embeds, pooled, empty, sigma, guidance, img_ids, txt_ids)
+            extra = dict(guidance=guidance)
         pred = forward(hidden_states=xs, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigma,
-                       img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
-        err = (pred - (noise - x0)) ** 2
+                       img_ids=img_ids, txt_ids=txt_ids, return_dict=False, **extra)[0]
+        err = (pred - target) ** 2
         weighted = (err * weights).sum() / weights.sum()
         opt.zero_grad(set_to_none=True)
         weighted.backward()
@@ -290,12 +327,14 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m eval.train_shapes_model",
         description="Train the embedded tiny FLUX.1 model (VAE and transformer) on the procedural shapes "
-                    "data and write it as a diffusers-format folder. The committed model is three runs, each "
+                    "data and write it as a diffusers-format folder. The committed model is five runs, each "
                     "continuing the last (README): the defaults with --no-object-weighted-flow --no-adaln-zero (72 "
                     "minutes on 2 CPU cores), --init-from it with --vae-steps 3000 --vae-lr 1e-3 --steps 2800 --lr "
                     "5e-4 --compile (46 minutes), both on the first version of the data (smaller objects, jittered), "
                     "then --init-from that with --vae-steps 1500 --vae-lr 1e-3 --steps 3000 --lr 5e-4 --compile "
-                    "(43 minutes) on the data as it is now.",
+                    "(43 minutes) on the data as it is now, then --vae-steps 0 --steps 3000 --lr 4e-4 --compile "
+                    "stopped after 1000 steps, and from its snapshot --vae-steps 0 --steps 2400 --lr 3e-4 --compile "
+                    "(42 minutes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data stream and the noise")
@@ -319,6 +358,12 @@ def build_parser():
                    help="start a new transformer with its modulation and output projections at zero (DiT's "
                         "adaLN-Zero); the committed model's first run predates this and started from diffusers' "
                         "random initialisation")
+    p.add_argument("--distill-guidance", type=float, default=0.0, metavar="G",
+                   help="guidance distillation, as FLUX.1-dev was made: the --init-from model (without a guidance "
+                        "embedding) becomes the frozen teacher and a copy of it with FLUX.1-dev's guidance embedding "
+                        "learns the teacher's true-CFG velocity at a guidance drawn per sample from [1, G]; the "
+                        "result takes a guidance scale like FLUX.1-dev (the pipelines' default 3.5 needs G >= 3.5; "
+                        "0: plain training)")
     p.add_argument("--snapshot-every", type=int, default=500, metavar="N",
                    help="every N transformer steps, write the EMA weights so far as a complete folder OUT.partial "
                         "(load it, score it, or continue from it with --init-from if the run is stopped); 0: never")
@@ -344,6 +389,19 @@ def check_args(args):
         v = getattr(args, name)
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if args.distill_guidance and not (math.isfinite(args.distill_guidance) and args.distill_guidance > 1):
+        raise ValueError(f"--distill-guidance must be above 1 (the largest guidance taught), got {args.distill_guidance}")
+    if args.distill_guidance and not args.init_from:
+        raise ValueError("--distill-guidance needs --init-from: the model to distil is the teacher")
+    if args.init_from:
+        config = os.path.join(args.init_from, "transformer", "config.json")
+        if not os.path.isfile(config):
+            raise ValueError(f"--init-from {args.init_from!r}: no transformer/config.json there")
+        with open(config, encoding="utf-8") as f:
+            distilled = bool(json.load(f).get("guidance_embeds"))
+        if distilled:
+            raise ValueError(f"--init-from {args.init_from!r} is guidance-distilled: continuing it needs its teacher, "
+                             "which this script does not keep; distil again from the teacher with more steps")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
@@ -413,6 +471,10 @@ def train(args):
         model = FluxTransformer2DModel.from_pretrained(os.path.join(work, "transformer")).float()
         if args.adaln_zero and not args.init_from:
             zero_init_modulation(torch, model)
+        teacher = None
+        if args.distill_guidance:
+            teacher = model.eval().requires_grad_(False)
+            model = add_guidance_embedder(torch, teacher)
         t0 = time.perf_counter()
 
         def snapshot(ema, step):
@@ -431,7 +493,7 @@ def train(args):
             drop_build_paths(tmp)
             replace_folder(tmp, partial)
 
-        train_transformer(torch, model, vae, text, args, stream, record["transformer_history"], gen, snapshot)
+        train_transformer(torch, model, vae, text, args, stream, record["transformer_history"], gen, snapshot, teacher)
         record["transformer_seconds"] += time.perf_counter() - t0
         model.to(torch.float16).save_pretrained(os.path.join(work, "transformer"), safe_serialization=True)
         last = record["transformer_history"][-100:]

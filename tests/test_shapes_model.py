@@ -181,7 +181,7 @@ def test_committed_model_matches_diffusers(trained_pipelines):
 
 def test_committed_model_draws_its_prompts(trained_pipelines):
     # A regression guard at the committed model's measured level (held-out one-object prompts: colour and
-    # position 100%, size 94%, shape 33%: README, "The embedded model"), not the issue's target.
+    # position 100%, size 96%, shape 72%: README, "The embedded model"), not the issue's target.
     ours, _ = trained_pipelines
     scenes = heldout_prompts(n_one=8, n_two=0)
     out = ours([s.caption for s in scenes], height=64, width=64, num_inference_steps=28, max_sequence_length=32,
@@ -190,7 +190,7 @@ def test_committed_model_draws_its_prompts(trained_pipelines):
     assert sum(r["colour"] for r in scores) >= 7, scores  # measured 8 of 8 on these seeds
     assert sum(r["position"] for r in scores) >= 7, scores  # measured 8 of 8
     assert sum(r["size"] for r in scores) >= 6, scores  # measured 7 of 8
-    assert sum(r["shape"] for r in scores) >= 3, scores  # measured 4 of 8 (chance: 1.3)
+    assert sum(r["shape"] for r in scores) >= 5, scores  # measured 7 of 8 (chance: 1.3; run 3's model: 4)
 
 
 def test_snapshots_are_complete_loadable_folders_and_go_away_after_the_run(tmp_path, monkeypatch):
@@ -243,3 +243,47 @@ def test_adaln_zero_start_predicts_zero_and_still_learns():
         opt.step()
     assert model(**inputs)[0].abs().mean() > 0.05
     assert model.transformer_blocks[0].norm1.linear.weight.abs().sum() > 0
+
+
+def test_guidance_embedder_starts_at_zero_and_the_target_is_true_cfg():
+    from diffusers import FluxTransformer2DModel
+    from eval.train_shapes_model import add_guidance_embedder, guided_target
+
+    torch.manual_seed(0)
+    teacher = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=8,
+                                     pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    student = add_guidance_embedder(torch, teacher).eval()
+    assert student.config.guidance_embeds and not teacher.config.guidance_embeds
+    inputs = dict(hidden_states=torch.randn(2, 4, 16), encoder_hidden_states=torch.randn(2, 3, 8),
+                  pooled_projections=torch.randn(2, 8), timestep=torch.tensor([0.3, 0.7]),
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3), return_dict=False)
+    with torch.no_grad():
+        expected = teacher(**inputs)[0]
+        for g in (1.0, 4.0):  # before training, the guidance changes nothing
+            torch.testing.assert_close(student(**inputs, guidance=torch.full((2,), g))[0], expected)
+        empty = (torch.randn(1, 3, 8), torch.randn(1, 8))
+        uncond = teacher(**dict(inputs, encoder_hidden_states=empty[0].expand(2, 3, 8),
+                                pooled_projections=empty[1].expand(2, 8)))[0]
+    g = torch.tensor([1.0, 3.0])
+    target = guided_target(torch, teacher, inputs["hidden_states"], inputs["encoder_hidden_states"],
+                           inputs["pooled_projections"], empty, inputs["timestep"], g, inputs["img_ids"],
+                           inputs["txt_ids"])
+    torch.testing.assert_close(target[0], expected[0], atol=1e-5, rtol=1e-5)  # g = 1: the conditional velocity
+    torch.testing.assert_close(target[1], uncond[1] + 3 * (expected[1] - uncond[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_distillation_writes_a_dev_style_model(tmp_path):
+    from safetensors.numpy import load_file
+    from eval.train_shapes_model import train
+
+    train(_train_args(tmp_path / "a", **{"vae-steps": 10, "steps": 6}))
+    record = train(_train_args(tmp_path / "b", **{"init-from": tmp_path / "a", "vae-steps": 0, "steps": 6,
+                                                  "distill-guidance": 4}))
+    assert [h["step"] for h in record["transformer_history"]] == list(range(12))
+    assert json.loads((tmp_path / "b" / "transformer" / "config.json").read_text())["guidance_embeds"]
+    weights = load_file(str(tmp_path / "b" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert np.abs(weights["time_text_embed.guidance_embedder.linear_2.weight"]).sum() > 0  # it learned from g
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        from eval.train_shapes_model import check_args
+        check_args(_train_args(tmp_path / "c", **{"init-from": tmp_path / "b", "vae-steps": 0}))
