@@ -106,7 +106,7 @@ def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_siz
     threshold, fraction, missed = calib.fit_afcache_threshold(AFCACHE_THRESHOLDS, decisions, cosines,
                                                               target_cosine, tolerance)
     sig = record_signals(pipe, prompts, steps)
-    sig["afcache_miss"] = [float(np.mean(np.asarray(c) < target_cosine)) if len(c) else 0.0 for c in cosines]
+    sig["afcache_miss"] = calib.miss_rates(cosines, target_cosine)
     sig["afcache_forecast"] = [len(c) / max(d, 1) for c, d in zip(cosines, decisions)]
     coefficients, r2 = calib.fit_teacache(sig["teacache"], sig["output"])
     data = {"steps": steps, "prompts": len(prompts),

@@ -146,11 +146,16 @@ def simulate_afcache(residuals, full, threshold, order, ema_keep, start):
     return decisions, cosines, ran
 
 
+def miss_rates(cosines, target):
+    """Per threshold: the fraction of its forecasts whose cosine is below `target` (0 where none was made)."""
+    return [float(np.mean(np.asarray(c) < target)) if len(c) else 0.0 for c in cosines]
+
+
 def fit_afcache_threshold(thresholds, decisions, cosines, target, tolerance):
     """thresholds ascending; decisions[k], cosines[k]: all blocks' decision steps and forecast cosines at
     thresholds[k]. -> (the lowest threshold at and above which the forecasts miss `target` in at most `tolerance`
     of cases, the fraction of decisions it forecasts, its miss rate); 1.0 (every block runs) when none does."""
-    miss = [float(np.mean(np.asarray(c) < target)) if len(c) else 0.0 for c in cosines]
+    miss = miss_rates(cosines, target)
     best = len(thresholds)
     for k in range(len(thresholds) - 1, -1, -1):
         if miss[k] > tolerance:

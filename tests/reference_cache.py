@@ -143,7 +143,7 @@ class ReferenceCache:
         self.history = {}  # key -> [(step, value)] of full steps
         self.changes = []  # FBCache's relative change at each step that had a reference
         self.budget, self.stability, self.strategies = budget, None, []  # AFCache
-        self.stability_trace, self.cosines = [], []  # AFCache: per step, after it; the cosines it measured
+        self.stability_trace = []  # AFCache: per step, after it
 
     def _remember(self, key, step, value):
         self.history.setdefault(key, []).append((step, value.double().numpy()))
@@ -242,7 +242,6 @@ class ReferenceCache:
         if self.stability is None:
             self.stability = np.full((n, self.order + 1), 0.5)
         run, best_p = self._afcache_runs(step, n)
-        cosines = np.full((n, self.order + 1), np.nan)
         for b in range(n):
             keys = (("h", b), ("e", b))
             if run[b]:
@@ -254,8 +253,7 @@ class ReferenceCache:
                                  for k, r in zip(keys, fresh)]
                         dot = sum((f * r).sum() for f, r in pairs)
                         norms = sum((f * f).sum() for f, _ in pairs) * sum((r * r).sum() for _, r in pairs)
-                        cosines[b, p] = dot / math.sqrt(norms)
-                        self.stability[b, p] = 0.9 * self.stability[b, p] + 0.1 * cosines[b, p]
+                        self.stability[b, p] = 0.9 * self.stability[b, p] + 0.1 * dot / math.sqrt(norms)
                 for k, r in zip(keys, fresh):
                     self._remember(k, step, r)
                 h, e = new_h, new_e
@@ -264,7 +262,6 @@ class ReferenceCache:
                 e = e + torch.from_numpy(newton_forecast(self.history[keys[1]], step, best_p[b])).to(e.dtype)
         self.strategies.append([0 if r else 1 + int(p) for r, p in zip(run, best_p)])
         self.stability_trace.append(self.stability.copy())
-        self.cosines.append(cosines)
         return flux.head(h, temb), bool(run.all())
 
     def step(self, flux, step, *inputs):
