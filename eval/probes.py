@@ -3,7 +3,7 @@ analysis reads (the signals the caches compare, every block's residual). Graph m
 read function, so the functions here import at module level."""
 from mindspore import nn, ops
 
-from models.layers import layer_norm, modulate
+from models.layers import modulated_layer_norm
 
 
 def probe_cell(transformer, read):
@@ -26,7 +26,7 @@ def read_signals(t, h, e, temb, cos, sin):
     image residual (MagCache)."""
     block0 = t.transformer_blocks[0]
     mods = block0.modulation(temb)
-    modulated = modulate(layer_norm(h, 1e-6), mods[0], mods[1])
+    modulated = modulated_layer_norm(h, mods[0], mods[1], 1e-6)
     h0, e0 = block0(h, e, temb, cos, sin)
     h_out, _ = t.run_blocks(h0, e0, temb, cos, sin, 1)
     return t.head(h_out, temb), modulated, h0 - h, h_out - h

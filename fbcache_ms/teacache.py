@@ -14,7 +14,7 @@ from mindspore import ops
 
 from fbcache_ms.base import WholeStackCache, relative_l1, signal_where
 from fbcache_ms.state import Feature, _buffer
-from models.layers import layer_norm, modulate
+from models.layers import modulated_layer_norm
 
 
 def polyval(coefficients, x):
@@ -41,7 +41,7 @@ class TeaCache(WholeStackCache):
         h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                        img_ids, txt_ids, guidance)
         mods = t.transformer_blocks[0].modulation(temb)
-        modulated = modulate(layer_norm(h, 1e-6), mods[0], mods[1])
+        modulated = modulated_layer_norm(h, mods[0], mods[1], 1e-6)
         # a fitted polynomial can dip below 0 outside its data; a change never lowers the sum
         rescaled = ops.maximum(polyval(coefficients, relative_l1(self.prev_input.value, modulated)), 0.0)
         # at an always-computed step the sum is not formed (step 0 has no previous input to compare with)

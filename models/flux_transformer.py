@@ -13,8 +13,8 @@ from mindspore import nn, ops
 from mindspore.nn.utils import no_init_parameters
 
 from models.checkpoint import CheckpointError, StateDict, load_weights, read_config
-from models.layers import (Attention, RMSNorm, apply_rope, gelu_tanh, layer_norm, linear, modulate,
-                           rope_frequencies, split_last, timestep_embedding)
+from models.layers import (Attention, RMSNorm, apply_rope, fast_paths, gelu_tanh, linear, modulated_layer_norm,
+                           rope_frequencies, rope_over_heads, split_last, timestep_embedding)
 from utils import resolve_dtype
 
 
@@ -95,9 +95,10 @@ class FeedForward(nn.Cell):
     def __init__(self, dim, dtype):
         super().__init__()
         self.net = nn.CellList([_Proj(dim, 4 * dim, dtype), nn.Identity(), linear(4 * dim, dim, dtype)])
+        self.fused_gelu = fast_paths()
 
     def construct(self, x):
-        return self.net[2](gelu_tanh(self.net[0](x)))
+        return self.net[2](gelu_tanh(self.net[0](x), self.fused_gelu))
 
 
 class _Proj(nn.Cell):
@@ -177,12 +178,12 @@ class DoubleStreamBlock(nn.Cell):
         return tuple(self.norm1(temb)) + tuple(self.norm1_context(temb))
 
     def attention_outputs(self, h, e, mods, cos, sin):
-        return self.attn(modulate(layer_norm(h, 1e-6), mods[0], mods[1]),
-                         modulate(layer_norm(e, 1e-6), mods[6], mods[7]), cos, sin)
+        return self.attn(modulated_layer_norm(h, mods[0], mods[1], 1e-6),
+                         modulated_layer_norm(e, mods[6], mods[7], 1e-6), cos, sin)
 
     def mlp_outputs(self, h, e, mods):
-        return (self.ff(modulate(layer_norm(h, 1e-6), mods[3], mods[4])),
-                self.ff_context(modulate(layer_norm(e, 1e-6), mods[9], mods[10])))
+        return (self.ff(modulated_layer_norm(h, mods[3], mods[4], 1e-6)),
+                self.ff_context(modulated_layer_norm(e, mods[9], mods[10], 1e-6)))
 
     def add_gated(self, h, e, out_h, out_e, gate_h, gate_e):
         return h + gate_h[:, None] * out_h, e + gate_e[:, None] * out_e
@@ -209,14 +210,16 @@ class SingleStreamBlock(nn.Cell):
         self.proj_out = linear(5 * dim, dim, dtype)
         self.attn = SingleStreamAttention(dim, heads, head_dim, dtype)
         self.clip_fp16 = dtype == ms.float16
+        self.fused_gelu = fast_paths()
 
     def modulation(self, temb):
         return tuple(self.norm(temb))  # shift, scale, gate
 
     def block_output(self, x, mods, cos, sin):
         """proj_out([attention, MLP]) before the gate: what per-module caches keep."""
-        xm = modulate(layer_norm(x, 1e-6), mods[0], mods[1])
-        return self.proj_out(ops.cat([self.attn(xm, cos, sin), gelu_tanh(self.proj_mlp(xm))], axis=-1))
+        xm = modulated_layer_norm(x, mods[0], mods[1], 1e-6)
+        mlp = gelu_tanh(self.proj_mlp(xm), self.fused_gelu)
+        return self.proj_out(ops.cat([self.attn(xm, cos, sin), mlp], axis=-1))
 
     def add_gated(self, x, out, gate):
         x = x + gate[:, None] * out
@@ -238,7 +241,7 @@ class FinalLayer(nn.Cell):
 
     def construct(self, h, temb):
         scale, shift = split_last(self.linear(ops.silu(temb)), 2)
-        return modulate(layer_norm(h, 1e-6), shift, scale)
+        return modulated_layer_norm(h, shift, scale, 1e-6)
 
 
 class FluxTransformer(nn.Cell):
@@ -258,13 +261,13 @@ class FluxTransformer(nn.Cell):
         self.proj_out = linear(dim, cfg.patch_size ** 2 * cfg.out_channels, dtype)
 
     def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
-        """Inputs as diffusers takes them -> (image tokens h, text tokens e, temb, rope cos, rope sin)."""
+        """Inputs as diffusers takes them -> (image tokens h, text tokens e, temb, rope cos, rope sin [S, H, D])."""
         h = self.x_embedder(hidden_states.astype(self.dtype))
         e = self.context_embedder(encoder_hidden_states.astype(self.dtype))
         temb = self.time_text_embed(timestep.astype(ms.float32) * 1000, guidance.astype(ms.float32) * 1000,
                                     pooled_projections.astype(self.dtype))
         cos, sin = rope_frequencies(ops.cat([txt_ids, img_ids], axis=0), self.config.axes_dims_rope, 10000)
-        return h, e, temb, cos, sin
+        return (h, e, temb) + rope_over_heads(cos, sin, self.config.num_attention_heads)
 
     @property
     def num_blocks(self):
