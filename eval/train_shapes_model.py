@@ -303,7 +303,7 @@ def plot_losses(log_data, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, hist, title in ((axes[0], "l1", log_data["vae_history"], "VAE reconstruction (object-weighted L1)"),
-                                 (axes[1], "loss", log_data["transformer_history"], "transformer flow loss (MSE)")):
+                                 (axes[1], "loss", log_data["transformer_history"], "transformer loss (MSE to the flow target)")):
         y = np.asarray([h[key] for h in hist])
         if len(y) == 0:
             continue
@@ -314,6 +314,11 @@ def plot_losses(log_data, path):
         starts = np.cumsum([ph.get("vae_steps" if key == "l1" else "steps", 0) for ph in log_data.get("phases", [])])
         for boundary in starts[:-1]:  # a continued run (--init-from) starts a new phase here
             ax.axvline(boundary, color="C3", lw=0.8, ls="--")
+        if key == "loss":  # a distillation phase has another target: the teacher's true-CFG velocity
+            for ph, end in zip(log_data.get("phases", []), starts):
+                if ph.get("distill_guidance"):
+                    ax.axvspan(end - ph["steps"], end, color="C1", alpha=0.15,
+                               label=f"guidance distillation (g <= {ph['distill_guidance']:g})")
         ax.set_yscale("log")
         ax.set_xlabel("step (dashed: a continued run starts)" if len(starts) > 1 else "step")
         ax.set_title(title)
@@ -327,14 +332,15 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m eval.train_shapes_model",
         description="Train the embedded tiny FLUX.1 model (VAE and transformer) on the procedural shapes "
-                    "data and write it as a diffusers-format folder. The committed model is five runs, each "
+                    "data and write it as a diffusers-format folder. The committed model is six runs, each "
                     "continuing the last (README): the defaults with --no-object-weighted-flow --no-adaln-zero (72 "
                     "minutes on 2 CPU cores), --init-from it with --vae-steps 3000 --vae-lr 1e-3 --steps 2800 --lr "
                     "5e-4 --compile (46 minutes), both on the first version of the data (smaller objects, jittered), "
                     "then --init-from that with --vae-steps 1500 --vae-lr 1e-3 --steps 3000 --lr 5e-4 --compile "
                     "(43 minutes) on the data as it is now, then --vae-steps 0 --steps 3000 --lr 4e-4 --compile "
-                    "stopped after 1000 steps, and from its snapshot --vae-steps 0 --steps 2400 --lr 3e-4 --compile "
-                    "(42 minutes).",
+                    "stopped after 1000 steps, from its snapshot --vae-steps 0 --steps 2400 --lr 3e-4 --compile "
+                    "(42 minutes), and last --vae-steps 0 --steps 1500 --lr 2e-4 --distill-guidance 6 --compile "
+                    "(45 minutes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data stream and the noise")

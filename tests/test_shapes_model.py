@@ -180,8 +180,8 @@ def test_committed_model_matches_diffusers(trained_pipelines):
 
 
 def test_committed_model_draws_its_prompts(trained_pipelines):
-    # A regression guard at the committed model's measured level (held-out one-object prompts: colour and
-    # position 100%, size 96%, shape 72%: README, "The embedded model"), not the issue's target.
+    # A regression guard at the committed model's measured level (held-out one-object prompts, guidance 3.5:
+    # colour and position 100%, size 99.6%, shape 85.2%: README, "The embedded model"), not the issue's target.
     ours, _ = trained_pipelines
     scenes = heldout_prompts(n_one=8, n_two=0)
     out = ours([s.caption for s in scenes], height=64, width=64, num_inference_steps=28, max_sequence_length=32,
@@ -190,7 +190,7 @@ def test_committed_model_draws_its_prompts(trained_pipelines):
     assert sum(r["colour"] for r in scores) >= 7, scores  # measured 8 of 8 on these seeds
     assert sum(r["position"] for r in scores) >= 7, scores  # measured 8 of 8
     assert sum(r["size"] for r in scores) >= 6, scores  # measured 7 of 8
-    assert sum(r["shape"] for r in scores) >= 5, scores  # measured 7 of 8 (chance: 1.3; run 3's model: 4)
+    assert sum(r["shape"] for r in scores) >= 6, scores  # measured 7 of 8 (chance: 1.3; run 3's model: 4)
 
 
 def test_snapshots_are_complete_loadable_folders_and_go_away_after_the_run(tmp_path, monkeypatch):
