@@ -48,6 +48,7 @@ class AFCache(CachePolicy):
                                   for i in range(cfg.num_single_layers)])
         # stability - START, so that the in-place reset (zeros) starts every block at START
         self.stability = _buffer((self.n_blocks, order + 1), ms.float32, "af_stability")
+        self.gram = ops.MatMul(transpose_b=True)
 
     # ---------------------------------------------------------------- host side
     def step_inputs(self, cache, i, num_steps):
@@ -97,20 +98,23 @@ class AFCache(CachePolicy):
     def _stability_update(self, b, fresh, states, step):
         """EMA of cos(fresh, predictor p's forecast) for every p with enough history. states: the block's
         TaylorFeatures (one per stream), fresh: their new residuals; the streams count as one vector."""
-        # predictor p's forecast is predictor p-1's plus one Newton term: build them up once per stream
-        forecasts = []
-        for state in states:
-            f = [state.forecast(step, 0)]
-            for p in range(1, self.order + 1):
-                f.append(f[-1] + state.term(step, p))
-            forecasts.append(f)
+        # every dot product at once: the Gram matrix of [forecast 0, ..., forecast order, fresh] (one stack and
+        # one matmul per stream instead of three multiply-and-sum reductions per predictor)
+        last = self.order + 1
+        gram = None
+        for state, r in zip(states, fresh):
+            f = state.forecast(step, 0)
+            rows = [f]
+            for p in range(1, last):
+                f = f + state.term(step, p)  # predictor p's forecast is predictor p-1's plus one Newton term
+                rows.append(f)
+            rows.append(r)
+            a = ops.stack([x.astype(ms.float32).reshape(-1) for x in rows])
+            g = self.gram(a, a)
+            gram = g if gram is None else gram + g
         rows = []
-        for p in range(self.order + 1):
-            dot, ff, rr = ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32), ms.Tensor(0.0, ms.float32)
-            for f_all, r in zip(forecasts, fresh):
-                f, r32 = f_all[p].astype(ms.float32), r.astype(ms.float32)
-                dot, ff, rr = dot + (f * r32).sum(), ff + (f * f).sum(), rr + (r32 * r32).sum()
-            c = dot / (ops.sqrt(ff * rr) + EPS)
+        for p in range(last):
+            c = gram[p, last] / (ops.sqrt(gram[p, p] * gram[last, last]) + EPS)
             valid = (states[0].count > p).astype(ms.float32)
             old = self.stability[b, p]
             rows.append(valid * (EMA_KEEP * old + (1 - EMA_KEEP) * (c - START)) + (1 - valid) * old)
