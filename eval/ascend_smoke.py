@@ -17,6 +17,7 @@ import numpy as np
 from mindspore import nn
 
 import models.layers as layers
+from eval.benchmark_vs_diffusers import rel_err
 
 
 def parse_args(argv=None):
@@ -31,11 +32,6 @@ def parse_args(argv=None):
     if not args.tolerance > 0:
         p.error(f"--tolerance must be positive, got {args.tolerance}")
     return args
-
-
-def rel_err(a, b):
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
 
 
 class _Gelu(nn.Cell):

@@ -129,20 +129,24 @@ class Diffusers:
         return None  # uncached; magcache has no hook
 
     def _call(self, noise):
-        a, torch = self.args, self.torch
         marks, starts = [], []
         # step 0 starts at the first transformer call, as ours does after the prompt is encoded
         handle = self.pipe.transformer.register_forward_pre_hook(
             lambda m, inp: starts.append(time.perf_counter()) if not starts else None)
         try:
-            with torch.no_grad():
-                out = self.pipe(prompt_embeds=self.embeds, pooled_prompt_embeds=self.pooled, height=a.height,
-                                width=a.width, num_inference_steps=a.steps, max_sequence_length=a.text_tokens,
-                                latents=torch.from_numpy(noise), output_type="latent",
-                                callback_on_step_end=lambda pipe, i, t, kw: marks.append(time.perf_counter()) or {})
+            out = self._pipe(noise, lambda: marks.append(time.perf_counter()))
         finally:
             handle.remove()
         return np.diff(np.concatenate([starts[:1], marks])).tolist(), out.images.float().numpy()
+
+    def _pipe(self, noise, after_step):
+        """One latent-output call of diffusers' pipeline on our noise; after_step() runs after every step."""
+        a = self.args
+        with self.torch.no_grad():
+            return self.pipe(prompt_embeds=self.embeds, pooled_prompt_embeds=self.pooled, height=a.height,
+                             width=a.width, num_inference_steps=a.steps, max_sequence_length=a.text_tokens,
+                             latents=self.torch.from_numpy(noise), output_type="latent",
+                             callback_on_step_end=lambda pipe, i, t, kw: after_step() or {})
 
     def run(self, method, threshold, noise):
         transformer = self.pipe.transformer
@@ -169,11 +173,7 @@ class Diffusers:
             transformer.enable_cache(config)
         marks = []
         try:
-            with self.torch.no_grad():
-                self.pipe(prompt_embeds=self.embeds, pooled_prompt_embeds=self.pooled, height=self.args.height,
-                          width=self.args.width, num_inference_steps=self.args.steps,
-                          max_sequence_length=self.args.text_tokens, latents=self.torch.from_numpy(noise),
-                          output_type="latent", callback_on_step_end=lambda p, i, t, kw: marks.append(flops[0]) or {})
+            self._pipe(noise, lambda: marks.append(flops[0]))
         finally:
             for h in handles:
                 h.remove()
@@ -251,11 +251,13 @@ def benchmark(args, checkpoint):
             stack=stack, method=method, step_median_s=float(np.median(r["step_times"])), denoise_s=denoise,
             first_call_s=r["first_call_s"], speedup=speedup, ideal=r["ideal"], efficiency=speedup / r["ideal"],
             pattern=r["pattern"], state_bytes=r["state_bytes"],
-            vs_ours=None if ref is None or ref is r else _rel_err(r["latents"], ref["latents"])))
+            vs_ours=None if ref is None or ref is r else rel_err(r["latents"], ref["latents"])))
     return dict(threshold=threshold, rows=rows)
 
 
-def _rel_err(a, b):
+def rel_err(a, b):
+    """max |a - b| / max |b| (float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
 
 

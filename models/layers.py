@@ -31,13 +31,16 @@ def linear(in_dim, out_dim, dtype, bias=True):
     return nn.Dense(in_dim, out_dim, weight_init="zeros", bias_init="zeros", has_bias=bias, dtype=dtype)
 
 
+def _layer_norm_kernel(x, gamma, beta, eps):
+    """The fused LayerNorm kernel (CPU and Ascend) over the last axis, in fp32 like torch does for fp16."""
+    out, _, _ = ops.LayerNorm(-1, -1, eps)(x.astype(ms.float32), gamma.astype(ms.float32), beta.astype(ms.float32))
+    return out.astype(x.dtype)
+
+
 def layer_norm(x, eps):
-    """LayerNorm over the last axis without affine parameters, computed in fp32 like torch does for fp16.
-    One fused kernel (CPU and Ascend) instead of the ~8 element-wise ops of the formula."""
-    dtype, dim = x.dtype, x.shape[-1]
-    out, _, _ = ops.LayerNorm(-1, -1, eps)(x.astype(ms.float32), ops.ones(dim, ms.float32),
-                                           ops.zeros(dim, ms.float32))
-    return out.astype(dtype)
+    """LayerNorm over the last axis without affine parameters: one kernel instead of the ~8 element-wise ops."""
+    dim = x.shape[-1]
+    return _layer_norm_kernel(x, ops.ones(dim, ms.float32), ops.zeros(dim, ms.float32), eps)
 
 
 def modulated_layer_norm(x, shift, scale, eps):
@@ -46,10 +49,7 @@ def modulated_layer_norm(x, shift, scale, eps):
     broadcasting element-wise ops being the slow ones on CPU."""
     if x.shape[0] != 1:
         return modulate(layer_norm(x, eps), shift, scale)
-    dtype = x.dtype
-    out, _, _ = ops.LayerNorm(-1, -1, eps)(x.astype(ms.float32), (1 + scale[0]).astype(ms.float32),
-                                           shift[0].astype(ms.float32))
-    return out.astype(dtype)
+    return _layer_norm_kernel(x, 1 + scale[0], shift[0], eps)
 
 
 class RMSNorm(nn.Cell):
