@@ -284,7 +284,7 @@ def score(args, scenes, results):
     """One row per setting. A setting's scores are saved (scores/NAME.json) with the signature of its images
     and of the scoring options, and reused by a rerun when both are unchanged."""
     from tqdm.auto import tqdm
-    from eval.adherence import summarize
+    from eval.adherence import READER_VERSION, summarize
     from eval.metrics import FrechetDistance, clip_score, fidelity
     from eval.shapes_data import render
 
@@ -295,7 +295,8 @@ def score(args, scenes, results):
     rows = []
     for name in tqdm(args.names, desc="scoring", unit="setting"):
         r, cfg = results[name], cache_config(name, args.table)
-        key = [r["signature"], ref["signature"], args.fid, args.clip_model and os.path.abspath(args.clip_model)]
+        key = [r["signature"], ref["signature"], args.fid, args.clip_model and os.path.abspath(args.clip_model),
+               READER_VERSION]
         path = os.path.join(args.out, "scores", f"{name}.json")
         saved = None
         if os.path.isfile(path):

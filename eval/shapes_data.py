@@ -187,13 +187,20 @@ def _background(rng):
     return rng.choice(tuple(BACKGROUNDS))
 
 
-def sample_one(rng, heldout):
+def _shape(rng, shape_weights):
+    """A shape, uniform unless weights (shape -> relative weight, 1 for a shape not named) are given."""
+    if not shape_weights:
+        return rng.choice(SHAPES)
+    return rng.choices(SHAPES, weights=[shape_weights.get(s, 1.0) for s in SHAPES])[0]
+
+
+def sample_one(rng, heldout, shape_weights=None):
     """One object; heldout=False never draws a held-out triple, heldout=True only draws those."""
     if heldout:
         colour, shape, row, col = rng.choice(heldout_triples())
     else:
         while True:
-            colour, shape = rng.choice(tuple(COLOURS)), rng.choice(SHAPES)
+            colour, shape = rng.choice(tuple(COLOURS)), _shape(rng, shape_weights)
             row, col = rng.randrange(3), rng.randrange(3)
             if not is_heldout(colour, shape, row, col):
                 break
@@ -203,7 +210,7 @@ def sample_one(rng, heldout):
                  (("colour", "shape", "position", "size"),))
 
 
-def sample_two(rng, heldout):
+def sample_two(rng, heldout, shape_weights=None):
     """Two objects of different colours in different cells, described by a relation or by both cells.
     heldout=False: neither object is a held-out triple; heldout=True: the first object is one."""
     while True:
@@ -224,7 +231,7 @@ def sample_two(rng, heldout):
             first = rng.randrange(9)
             cells = tuple(divmod(k, 3) for k in (first, rng.choice([k for k in range(9) if k != first])))
         colours = rng.sample(tuple(COLOURS), 2)
-        shapes = (rng.choice(SHAPES), rng.choice(SHAPES))
+        shapes = (_shape(rng, shape_weights), _shape(rng, shape_weights))
         held = [is_heldout(c, s, *cell) for c, s, cell in zip(colours, shapes, cells)]
         if (heldout and held[0]) or (not heldout and not any(held)):
             break
@@ -238,15 +245,18 @@ def sample_two(rng, heldout):
     return Scene((a, b), bg, caption_two(rng, a, b, relation, bg, with_bg), with_bg, relation, (attrs, attrs))
 
 
-def training_sample(seed, two_object_fraction=0.3):
-    """Scene number `seed` of the training stream (never a held-out triple)."""
+def training_sample(seed, two_object_fraction=0.3, shape_weights=None):
+    """Scene number `seed` of the training stream (never a held-out triple); shape_weights (shape -> relative
+    weight) over-samples hard shapes."""
     rng = random.Random(f"train-{seed}")
-    return sample_two(rng, False) if rng.random() < two_object_fraction else sample_one(rng, False)
+    if rng.random() < two_object_fraction:
+        return sample_two(rng, False, shape_weights)
+    return sample_one(rng, False, shape_weights)
 
 
-def training_batch(first, count, two_object_fraction=0.3):
+def training_batch(first, count, two_object_fraction=0.3, shape_weights=None):
     """Scenes first .. first+count-1 of the training stream: (uint8 images [N, 64, 64, 3], captions)."""
-    scenes = [training_sample(first + i, two_object_fraction) for i in range(count)]
+    scenes = [training_sample(first + i, two_object_fraction, shape_weights) for i in range(count)]
     return np.stack([render(s) for s in scenes]), [s.caption for s in scenes]
 
 

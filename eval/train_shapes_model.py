@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from eval.shapes_data import IMAGE_SIZE, tokenizer_corpus, training_batch
+from eval.shapes_data import IMAGE_SIZE, SHAPES, tokenizer_corpus, training_batch
 
 # The embedded model's sizes: deep and narrow (16 blocks, FLUX's 1:2 double:single ratio), 64 image tokens.
 # (A 2x VAE, 256 image tokens, costs 3.4x per sample: 24k samples in 25 minutes had not learned colour yet.)
@@ -236,7 +236,8 @@ def train_transformer(torch, model, vae, text, args, stream, history, gen, snaps
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr, 100)
-        images, captions = training_batch(stream.take(args.batch), args.batch)
+        images, captions = training_batch(stream.take(args.batch), args.batch,
+                                          shape_weights=parse_shape_weights(args.shape_weight))
         drop = torch.rand(len(captions), generator=gen) < CAPTION_DROPOUT
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
@@ -370,6 +371,13 @@ def build_parser():
                         "learns the teacher's true-CFG velocity at a guidance drawn per sample from [1, G]; the "
                         "result takes a guidance scale like FLUX.1-dev (the pipelines' default 3.5 needs G >= 3.5; "
                         "0: plain training)")
+    p.add_argument("--teacher", metavar="FOLDER",
+                   help="with --distill-guidance: the frozen teacher is this folder's (undistilled) transformer "
+                        "instead of --init-from's, so that --init-from can be a distilled model whose distillation "
+                        "continues (same VAE and text encoders required)")
+    p.add_argument("--shape-weight", action="append", default=[], metavar="SHAPE=W",
+                   help=f"draw SHAPE W times as often as the others in the transformer's batches (repeatable; "
+                        f"shapes: {', '.join(SHAPES)})")
     p.add_argument("--snapshot-every", type=int, default=500, metavar="N",
                    help="every N transformer steps, write the EMA weights so far as a complete folder OUT.partial "
                         "(load it, score it, or continue from it with --init-from if the run is stopped); 0: never")
@@ -377,6 +385,42 @@ def build_parser():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true", help="a much smaller model (tests)")
     return p
+
+
+def parse_shape_weights(items):
+    """["star=3", ...] -> {"star": 3.0}; None when empty (the uniform stream)."""
+    weights = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"--shape-weight {item!r}: expected SHAPE=W with a number W") from None
+        if name not in SHAPES:
+            raise ValueError(f"--shape-weight {item!r}: unknown shape {name!r} (shapes: {', '.join(SHAPES)})")
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"--shape-weight {item!r}: the weight must be a finite number above 0")
+        weights[name] = w
+    return weights or None
+
+
+def _is_distilled(folder):
+    with open(os.path.join(folder, "transformer", "config.json"), encoding="utf-8") as f:
+        return bool(json.load(f).get("guidance_embeds"))
+
+
+def _same_conditioning(a, b):
+    """True when two folders share the VAE latent space and the text encoders (the teacher's inputs)."""
+    def vae_key(folder):
+        with open(os.path.join(folder, "vae", "config.json"), encoding="utf-8") as f:
+            c = json.load(f)
+        return c.get("shift_factor"), c.get("scaling_factor")
+
+    def weights(folder, sub):
+        with open(os.path.join(folder, sub, "model.safetensors"), "rb") as f:
+            return f.read()
+
+    return vae_key(a) == vae_key(b) and all(weights(a, s) == weights(b, s) for s in ("text_encoder", "text_encoder_2"))
 
 
 def check_args(args):
@@ -399,15 +443,21 @@ def check_args(args):
         raise ValueError(f"--distill-guidance must be above 1 (the largest guidance taught), got {args.distill_guidance}")
     if args.distill_guidance and not args.init_from:
         raise ValueError("--distill-guidance needs --init-from: the model to distil is the teacher")
-    if args.init_from:
-        config = os.path.join(args.init_from, "transformer", "config.json")
-        if not os.path.isfile(config):
-            raise ValueError(f"--init-from {args.init_from!r}: no transformer/config.json there")
-        with open(config, encoding="utf-8") as f:
-            distilled = bool(json.load(f).get("guidance_embeds"))
-        if distilled:
-            raise ValueError(f"--init-from {args.init_from!r} is guidance-distilled: continuing it needs its teacher, "
-                             "which this script does not keep; distil again from the teacher with more steps")
+    parse_shape_weights(args.shape_weight)
+    if args.teacher and not args.distill_guidance:
+        raise ValueError("--teacher needs --distill-guidance")
+    for flag, folder in (("--init-from", args.init_from), ("--teacher", args.teacher)):
+        if folder and not os.path.isfile(os.path.join(folder, "transformer", "config.json")):
+            raise ValueError(f"{flag} {folder!r}: no transformer/config.json there")
+    if args.teacher:
+        if _is_distilled(args.teacher):
+            raise ValueError(f"--teacher {args.teacher!r} is guidance-distilled: the teacher must be a base model")
+        if not _same_conditioning(args.teacher, args.init_from):
+            raise ValueError(f"--teacher {args.teacher!r} and --init-from {args.init_from!r} do not share the VAE "
+                             "latent space and text encoders")
+    elif args.init_from and _is_distilled(args.init_from):
+        raise ValueError(f"--init-from {args.init_from!r} is guidance-distilled: continue it with --distill-guidance "
+                         "and --teacher (its base model)")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
@@ -478,9 +528,13 @@ def train(args):
         if args.adaln_zero and not args.init_from:
             zero_init_modulation(torch, model)
         teacher = None
-        if args.distill_guidance:
+        if args.teacher:
+            teacher = FluxTransformer2DModel.from_pretrained(os.path.join(args.teacher, "transformer")).float()
+            teacher.eval().requires_grad_(False)
+        elif args.distill_guidance:
             teacher = model.eval().requires_grad_(False)
-            model = add_guidance_embedder(torch, teacher)
+        if teacher is not None and not model.config.guidance_embeds:
+            model = add_guidance_embedder(torch, model)
         t0 = time.perf_counter()
 
         def snapshot(ema, step):
