@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from fbcache_ms.base import EPS, CachePolicy
-from fbcache_ms.state import TaylorFeature, _buffer
+from fbcache_ms.state import NewtonClock, TaylorFeature, _buffer
 
 EMA_KEEP = 0.9
 START = 0.5
@@ -46,6 +46,7 @@ class AFCache(CachePolicy):
         self.res_e = nn.CellList([TaylorFeature(txt, dtype, order, f"af_e{i}") for i in range(self.n_double)])
         self.res_x = nn.CellList([TaylorFeature(joint, dtype, order, f"af_x{i}")
                                   for i in range(cfg.num_single_layers)])
+        self.clocks = nn.CellList([NewtonClock(order, f"af_clock{i}") for i in range(self.n_blocks)])
         # stability - START, so that the in-place reset (zeros) starts every block at START
         self.stability = _buffer((self.n_blocks, order + 1), ms.float32, "af_stability")
         self.gram = ops.MatMul(transpose_b=True)
@@ -95,7 +96,7 @@ class AFCache(CachePolicy):
         run = ops.logical_or(run, ops.logical_or(full, threshold >= 1.0))
         return run, best_p
 
-    def _stability_update(self, b, fresh, states, step):
+    def _stability_update(self, b, fresh, states, clock, weights):
         """EMA of cos(fresh, predictor p's forecast) for every p with enough history. states: the block's
         TaylorFeatures (one per stream), fresh: their new residuals; the streams count as one vector."""
         # every dot product at once: the Gram matrix of [forecast 0, ..., forecast order, fresh] (one stack and
@@ -103,10 +104,10 @@ class AFCache(CachePolicy):
         last = self.order + 1
         gram = None
         for state, r in zip(states, fresh):
-            f = state.forecast(step, 0)
+            f = state.forecast(weights, 0)
             rows = [f]
             for p in range(1, last):
-                f = f + state.term(step, p)  # predictor p's forecast is predictor p-1's plus one Newton term
+                f = f + state.term(weights, p)  # predictor p's forecast is predictor p-1's plus one Newton term
                 rows.append(f)
             rows.append(r)
             a = ops.stack([x.astype(ms.float32).reshape(-1) for x in rows])
@@ -115,18 +116,16 @@ class AFCache(CachePolicy):
         rows = []
         for p in range(last):
             c = gram[p, last] / (ops.sqrt(gram[p, p] * gram[last, last]) + EPS)
-            valid = (states[0].count > p).astype(ms.float32)
+            valid = (clock.count > p).astype(ms.float32)
             old = self.stability[b, p]
             rows.append(valid * (EMA_KEEP * old + (1 - EMA_KEEP) * (c - START)) + (1 - valid) * old)
         mask = (ops.arange(self.n_blocks) == b).astype(ms.float32)[:, None]
         ops.assign(self.stability, self.stability * (1 - mask) + mask * ops.stack(rows)[None, :])
 
-    def _forecast(self, state, step, best_p):
-        out = state.forecast(step, 0)
-        for p in range(1, self.order + 1):
-            use = (best_p >= p).astype(ms.float32)
-            out = out + (state.term(step, p).astype(ms.float32) * use).astype(out.dtype)
-        return out
+    def _forecast(self, state, weights, best_p):
+        """The block's most stable predictor: the terms up to best_p."""
+        used = [w * (best_p >= p).astype(ms.float32) for p, w in enumerate(weights, 1)]
+        return state.forecast(used)
 
     def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                   guidance, step, full, threshold, k):
@@ -136,28 +135,35 @@ class AFCache(CachePolicy):
         run, best_p = self._decide(full, threshold, k)
         b = 0
         for block, state_h, state_e in zip(t.transformer_blocks, self.res_h, self.res_e):
+            clock = self.clocks[b]
+            weights = clock.forecast_weights(step)
             if run[b]:
                 h_new, e_new = block(h, e, temb, cos, sin)
                 r_h, r_e = h_new - h, e_new - e
-                self._stability_update(b, (r_h, r_e), (state_h, state_e), step)
-                state_h.update(r_h, step)
-                state_e.update(r_e, step)
+                self._stability_update(b, (r_h, r_e), (state_h, state_e), clock, weights)
+                scales = clock.update_scales(step)
+                state_h.update(r_h, scales)
+                state_e.update(r_e, scales)
+                clock.advance(step)
                 h, e = h_new, e_new  # not h + r_h: all blocks running must be the uncached model exactly
             else:
-                h = h + self._forecast(state_h, step, best_p[b])
-                e = e + self._forecast(state_e, step, best_p[b])
+                h = h + self._forecast(state_h, weights, best_p[b])
+                e = e + self._forecast(state_e, weights, best_p[b])
             b += 1
         txt_len = e.shape[1]
         x = ops.cat([e, h], axis=1)
         for block, state_x in zip(t.single_transformer_blocks, self.res_x):
+            clock = self.clocks[b]
+            weights = clock.forecast_weights(step)
             if run[b]:
                 x_new = block(x, temb, cos, sin)
                 r_x = x_new - x
-                self._stability_update(b, (r_x,), (state_x,), step)
-                state_x.update(r_x, step)
+                self._stability_update(b, (r_x,), (state_x,), clock, weights)
+                state_x.update(r_x, clock.update_scales(step))
+                clock.advance(step)
                 x = x_new
             else:
-                x = x + self._forecast(state_x, step, best_p[b])
+                x = x + self._forecast(state_x, weights, best_p[b])
             b += 1
         codes = ops.select(run, ops.zeros_like(best_p), best_p + 1)
         return t.head(x[:, txt_len:], temb), run.all(), codes

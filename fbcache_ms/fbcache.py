@@ -14,7 +14,7 @@ from mindspore import ops
 
 from fbcache_ms.base import CachePolicy, relative_l1, signal_where
 from fbcache_ms.fourier import FourierFeature, FourierTaylorFeature
-from fbcache_ms.state import Feature, TaylorFeature
+from fbcache_ms.state import Feature, NewtonClock, TaylorFeature
 
 
 class FBCache(CachePolicy):
@@ -34,6 +34,7 @@ class FBCache(CachePolicy):
             self.res_h = FourierTaylorFeature(img, dtype, order, *fourier, "res_h") if fourier \
                 else TaylorFeature(img, dtype, order, "res_h")
             self.res_e = TaylorFeature(txt, dtype, order, "res_e")
+            self.clock = NewtonClock(order, "res")
         else:
             self.res_h = FourierFeature(img, dtype, *fourier, "res_h") if fourier else Feature(img, dtype, "res_h")
             self.res_e = Feature(txt, dtype, "res_e")
@@ -42,14 +43,16 @@ class FBCache(CachePolicy):
     def step_inputs(self, cache, i, num_steps):
         return ms.Tensor(float(i), ms.float32), ms.Tensor(cache.threshold, ms.float32)
 
-    def reused(self, feature, step):
-        return feature.forecast(step) if self.use_taylor else feature.value
+    def reused(self, feature, weights):
+        return feature.forecast(weights) if self.use_taylor else feature.value
 
     def store(self, r1, res_h, res_e, step):
         self.prev_r1.store(r1)
         if self.use_taylor:
-            self.res_h.update(res_h, step)
-            self.res_e.update(res_e, step)
+            scales = self.clock.update_scales(step)
+            self.res_h.update(res_h, scales)
+            self.res_e.update(res_e, scales)
+            self.clock.advance(step)
         else:
             self.res_h.store(res_h)
             self.res_e.store(res_e)
@@ -67,9 +70,10 @@ class FBCache(CachePolicy):
         # read before the branch below stores: no reference yet means no signal
         change = signal_where(self.filled, change)
         if hit:
-            h_mid = h_f + self.reused(self.res_h, step)
+            weights = self.clock.forecast_weights(step) if self.use_taylor else None
+            h_mid = h_f + self.reused(self.res_h, weights)
             # FLUX's head reads only the image stream: the text residual matters only when blocks follow
-            e_mid = e_f + self.reused(self.res_e, step) if self.bn > 0 else e_f
+            e_mid = e_f + self.reused(self.res_e, weights) if self.bn > 0 else e_f
         else:
             h_mid, e_mid = t.run_blocks(h_f, e_f, temb, cos, sin, self.fn, self.mid_stop)
             self.store(r1, h_mid - h_f, e_mid - e_f, step)

@@ -97,9 +97,9 @@ class FourierTaylorFeature(CacheState):
         self.codec = FourierCodec(grid, ratio)
         self.factors = TaylorFeature((batch, self.codec.coefficients, dim), dtype, order, name)
 
-    def update(self, x, step):
-        self.factors.update(self.codec.compress(x), step)
+    def update(self, x, scales):
+        self.factors.update(self.codec.compress(x), scales)
         return x
 
-    def forecast(self, step):
-        return self.codec.restore(self.factors.forecast(step))
+    def forecast(self, weights):
+        return self.codec.restore(self.factors.forecast(weights))

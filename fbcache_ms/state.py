@@ -33,53 +33,84 @@ class Feature(CacheState):
         return x
 
 
-class TaylorFeature(CacheState):
-    """TaylorSeer's forecast of one feature from its values at past full steps.
+class NewtonClock(CacheState):
+    """The full steps a group of TaylorFeatures was last updated at (they update together), and the scalar
+    coefficients derived from them: computed once per step for the whole group, so that each feature's
+    update and forecast is one or two tensor ops (on a graph of 114 features the per-feature scalar
+    arithmetic cost more than the forecasts themselves)."""
 
-    Keeps the Newton divided differences f[s_n], f[s_n, s_n-1], ..., up to `order`, and the positions of
-    the last full steps. With step distance d between the last two full steps this is, for order 1,
-    exactly TaylorSeer's `F + (F - F_prev) / d * k`; unlike a Taylor sum of backward differences with
-    k^i / i! it stays exact for features that are polynomials of degree <= order in the step index,
-    whatever the spacing of the full steps. Only the differences that have enough history are used
-    (a count of valid terms, not a sentinel value).
-    """
-
-    def __init__(self, shape, dtype, order, name="taylor"):
+    def __init__(self, order, name="clock"):
         super().__init__()
         self.order = order
-        self.diffs = ms.ParameterTuple([_buffer(shape, dtype, f"{name}_d{i}") for i in range(order + 1)])
         self.positions = _buffer((order + 1,), ms.float32, f"{name}_pos")  # s_n, s_n-1, ...
-        self.count = _buffer((), ms.int32, f"{name}_count")  # valid differences
+        self.count = _buffer((), ms.int32, f"{name}_count")  # updates so far, up to order + 1
 
-    def update(self, x, step):
-        """A full step computed `x` at `step` (0-d float32 tensor)."""
-        new = [x]
+    def update_scales(self, step):
+        """1 / (step - s_i) for difference i+1, 0 where difference i has no history yet (then i+1 is 0)."""
+        scales = []
         for i in range(self.order):
-            # difference i+1 exists only where the older difference i did; elsewhere it is zero
             valid = (self.count > i).astype(ms.float32)
-            span = valid * (step - self.positions[i]) + (1 - valid)
-            new.append(((new[i] - self.diffs[i]).astype(ms.float32) * (valid / span)).astype(x.dtype))
-        for i in range(self.order + 1):
-            ops.assign(self.diffs[i], new[i])
+            scales.append(valid / (valid * (step - self.positions[i]) + (1 - valid)))
+        return scales
+
+    def advance(self, step):
+        """After every feature of the group took its update at `step`."""
         if self.order > 0:
             ops.assign(self.positions, ops.cat([step.reshape(1), self.positions[:self.order]]))
         else:
             ops.assign(self.positions, step.reshape(1))
         ops.assign(self.count, ops.minimum(self.count + 1, self.order + 1))
+
+    def forecast_weights(self, step):
+        """Weight of the order-p term, p = 1..order: prod_{i<p} (step - s_i), 0 while difference p lacks its
+        history."""
+        weights, w = [], None
+        for p in range(1, self.order + 1):
+            d = step - self.positions[p - 1]
+            w = d if w is None else w * d
+            weights.append(w * (self.count > p).astype(ms.float32))
+        return weights
+
+
+class TaylorFeature(CacheState):
+    """TaylorSeer's forecast of one feature from its values at past full steps.
+
+    Keeps the Newton divided differences f[s_n], f[s_n, s_n-1], ..., up to `order`; the positions of the
+    last full steps live in the group's NewtonClock. With step distance d between the last two full steps
+    this is, for order 1, exactly TaylorSeer's `F + (F - F_prev) / d * k`; unlike a Taylor sum of backward
+    differences with k^i / i! it stays exact for features that are polynomials of degree <= order in the
+    step index, whatever the spacing of the full steps. Only the differences that have enough history are
+    used (the clock's count of valid terms, not a sentinel value).
+    """
+
+    def __init__(self, shape, dtype, order, name="taylor"):
+        super().__init__()
+        self.order, self.dtype = order, dtype
+        self.diffs = ms.ParameterTuple([_buffer(shape, dtype, f"{name}_d{i}") for i in range(order + 1)])
+
+    def _scaled(self, x, c):
+        """x * c with the float32 scalar c, in float32 (no casts when the storage already is)."""
+        if self.dtype == ms.float32:
+            return x * c
+        return (x.astype(ms.float32) * c).astype(self.dtype)
+
+    def update(self, x, scales):
+        """A full step computed `x`; scales: the clock's update_scales(step)."""
+        new = [x]
+        for i in range(self.order):
+            new.append(self._scaled(new[i] - self.diffs[i], scales[i]))
+        for i in range(self.order + 1):
+            ops.assign(self.diffs[i], new[i])
         return x
 
-    def term(self, step, p):
-        """The order-p term of the forecast at `step` (zero while difference p lacks its history)."""
-        weight = ms.Tensor(1.0, ms.float32)
-        for i in range(p):
-            weight = weight * (step - self.positions[i])
-        valid = (self.count > p).astype(ms.float32)
-        return (self.diffs[p].astype(ms.float32) * (weight * valid)).astype(self.diffs[p].dtype)
+    def term(self, weights, p):
+        """The order-p term of the forecast; weights: the clock's forecast_weights(step)."""
+        return self._scaled(self.diffs[p], weights[p - 1])
 
-    def forecast(self, step, order=None):
-        """Newton forecast at `step` with the terms up to `order` (default: all this feature keeps)."""
+    def forecast(self, weights, order=None):
+        """Newton forecast with the terms up to `order` (default: all this feature keeps)."""
         order = self.order if order is None else min(order, self.order)
         out = self.diffs[0]
         for i in range(1, order + 1):
-            out = out + self.term(step, i)
+            out = out + self.term(weights, i)
         return out

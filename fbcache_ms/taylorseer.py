@@ -6,7 +6,7 @@ from mindspore import nn, ops
 
 from fbcache_ms.base import CachePolicy, no_signal
 from fbcache_ms.fourier import FourierTaylorFeature
-from fbcache_ms.state import TaylorFeature
+from fbcache_ms.state import NewtonClock, TaylorFeature
 
 
 class TaylorSeer(CachePolicy):
@@ -23,6 +23,7 @@ class TaylorSeer(CachePolicy):
         dim = cfg.dim
         img, txt, joint = (batch, image_tokens, dim), (batch, text_tokens, dim), (batch, text_tokens + image_tokens, dim)
         self.per_module = variant == "per_module"
+        self.clock = NewtonClock(order, "taylorseer")  # every feature updates on the same (full) steps
         if self.per_module:
             def features(shape, what, n):
                 return nn.CellList([TaylorFeature(shape, dtype, order, f"{what}{i}") for i in range(n)])
@@ -42,22 +43,23 @@ class TaylorSeer(CachePolicy):
     def _per_module_stack(self, h, e, temb, cos, sin, step, full):
         """The block stack with every module's pre-gate output computed (full) or forecast."""
         t = self.transformer
+        coef = self.clock.update_scales(step) if full else self.clock.forecast_weights(step)
         for block, s_attn, s_attn_ctx, s_ff, s_ff_ctx in zip(t.transformer_blocks, self.attn, self.attn_ctx,
                                                              self.ff, self.ff_ctx):
             mods = block.modulation(temb)
             if full:
                 attn_h, attn_e = block.attention_outputs(h, e, mods, cos, sin)
-                s_attn.update(attn_h, step)
-                s_attn_ctx.update(attn_e, step)
+                s_attn.update(attn_h, coef)
+                s_attn_ctx.update(attn_e, coef)
             else:
-                attn_h, attn_e = s_attn.forecast(step), s_attn_ctx.forecast(step)
+                attn_h, attn_e = s_attn.forecast(coef), s_attn_ctx.forecast(coef)
             h, e = block.add_gated(h, e, attn_h, attn_e, mods[2], mods[8])
             if full:
                 ff_h, ff_e = block.mlp_outputs(h, e, mods)
-                s_ff.update(ff_h, step)
-                s_ff_ctx.update(ff_e, step)
+                s_ff.update(ff_h, coef)
+                s_ff_ctx.update(ff_e, coef)
             else:
-                ff_h, ff_e = s_ff.forecast(step), s_ff_ctx.forecast(step)
+                ff_h, ff_e = s_ff.forecast(coef), s_ff_ctx.forecast(coef)
             h, e = block.add_gated(h, e, ff_h, ff_e, mods[5], mods[11])
             e = block.clip(e)
         txt_len = e.shape[1]
@@ -66,10 +68,12 @@ class TaylorSeer(CachePolicy):
             mods = block.modulation(temb)
             if full:
                 out = block.block_output(x, mods, cos, sin)
-                state.update(out, step)
+                state.update(out, coef)
             else:
-                out = state.forecast(step)
+                out = state.forecast(coef)
             x = block.add_gated(x, out, mods[2])
+        if full:
+            self.clock.advance(step)
         return x[:, txt_len:]
 
     def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
@@ -85,7 +89,8 @@ class TaylorSeer(CachePolicy):
         else:
             if full:
                 h_out, _ = t.run_blocks(h, e, temb, cos, sin)
-                self.res_h.update(h_out - h, step)
+                self.res_h.update(h_out - h, self.clock.update_scales(step))
+                self.clock.advance(step)
             else:
-                h_out = h + self.res_h.forecast(step)
+                h_out = h + self.res_h.forecast(self.clock.forecast_weights(step))
         return t.head(h_out, temb), full, no_signal()

@@ -8,7 +8,7 @@ from mindspore import nn
 from mindspore.graph.api import ms_compile_cache
 
 from fbcache_ms.config import CacheConfig
-from fbcache_ms.state import TaylorFeature
+from fbcache_ms.state import CacheState, NewtonClock, TaylorFeature
 from pipelines.flux_pipeline import FluxPipeline
 from pipelines.scheduling import calculate_shift
 from parity import rel_err
@@ -46,16 +46,18 @@ def test_config_schedule_and_defaults():
 
 # ---- Taylor forecasts ----------------------------------------------------------------------------------
 
-class _TaylorProbe(nn.Cell):
+class _TaylorProbe(CacheState):
     def __init__(self, order):
         super().__init__()
         self.feature = TaylorFeature((3, 4), ms.float32, order)
+        self.clock = NewtonClock(order)
 
     def construct(self, x, step, full):
         if full:
-            out = self.feature.update(x, step)
+            out = self.feature.update(x, self.clock.update_scales(step))
+            self.clock.advance(step)
         else:
-            out = self.feature.forecast(step)
+            out = self.feature.forecast(self.clock.forecast_weights(step))
         return out
 
 
@@ -104,7 +106,7 @@ def test_taylor_reset_forgets_history():
     probe = _TaylorProbe(1)
     for s in (0, 1):
         probe(ms.Tensor(np.full((3, 4), 10.0 * s, np.float32)), ms.Tensor(float(s)), ms.Tensor(True))
-    probe.feature.reset()
+    probe.reset()
     probe(ms.Tensor(np.ones((3, 4), np.float32)), ms.Tensor(0.0), ms.Tensor(True))
     # one full step after the reset: a forecast is plain reuse, not a slope from the old history
     out = probe(ms.Tensor(np.zeros((3, 4), np.float32)), ms.Tensor(3.0), ms.Tensor(False)).asnumpy()

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from eval import benchmark_vs_diffusers, profile_step
+from eval import benchmark_vs_diffusers, profile_afcache, profile_step
 
 
 def test_side_by_side_runs_both_stacks_on_the_same_noise_and_counts_the_work(tiny_dev_checkpoint, tmp_path):
@@ -58,3 +58,19 @@ def test_profile_bad_variant(capsys):
     with pytest.raises(SystemExit):
         profile_step.parse_args(["--variants", "full,softmax"])
     assert "softmax" in capsys.readouterr().err
+
+
+def test_afcache_profile_removes_its_parts(tiny_dev_checkpoint, tmp_path):
+    out = tmp_path / "afcache.json"
+    profile_afcache.main(["--checkpoint", tiny_dev_checkpoint, "--height", "64", "--width", "64", "--text-tokens",
+                          "16", "--steps", "3", "--rounds", "1", "--variants", "full,no-stability",
+                          "--json", str(out)])
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["full"]["stability_moved"] and not results["no-stability"]["stability_moved"]
+    assert all(r["uncached_step_s"] > 0 and r["afcache_step_s"] > 0 for r in results.values())
+
+
+def test_afcache_profile_bad_variant(capsys):
+    with pytest.raises(SystemExit):
+        profile_afcache.parse_args(["--variants", "full,no-gram"])
+    assert "no-gram" in capsys.readouterr().err

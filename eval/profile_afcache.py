@@ -1,0 +1,125 @@
+"""What AFCache's no-hit overhead is made of: AFCache at threshold 1 (every block runs, so only its
+bookkeeping differs from the uncached model) timed against the uncached model with parts of that bookkeeping
+removed, each variant in its own process:
+
+  full            AFCache as it is
+  no-stability    the per-block cosine / stability update skipped
+  no-taylor       the per-block Newton-difference update and clock skipped
+  no-bookkeeping  both skipped: what is left is the per-block tensor `if` and the decision
+
+The variants compute wrong caches on purpose (nothing is reused at threshold 1, so the images are unchanged,
+but the state is): this measures cost, never output. Each variant: alternating short runs, uncached and
+AFCache, median step of each.
+
+  python -m eval.profile_afcache                  # FLUX-proportioned random model, 256x256, 64 text tokens
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+VARIANTS = ("full", "no-stability", "no-taylor", "no-bookkeeping")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="diffusers-format FLUX.1 folder (default: the FLUX-proportioned random model)")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4, help="steps of each timed run (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating uncached / AFCache rounds (default 3)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one variant in this process
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants:
+        p.error(f"--variants: unknown {bad or 'empty list'}; choose from {', '.join(VARIANTS)}")
+    if args.height % 16 or args.width % 16 or min(args.height, args.width, args.text_tokens, args.steps,
+                                                  args.rounds) < 1:
+        p.error("--height / --width must be positive multiples of 16; --text-tokens, --steps, --rounds at least 1")
+    if args.checkpoint and not os.path.isdir(os.path.join(args.checkpoint, "transformer")):
+        p.error(f"--checkpoint {args.checkpoint!r} has no transformer/ folder")
+    return args
+
+
+def _skip_stability(self, *args):
+    return None
+
+
+def _skip_update(self, x, scales):
+    return x
+
+
+def _skip_advance(self, step):
+    return None
+
+
+def time_variant(args):
+    """Worker: AFCache with args.worker's parts removed, alternating with the uncached model -> dict."""
+    from fbcache_ms import afcache, state
+    from fbcache_ms.config import CacheConfig
+    from pipelines.flux_pipeline import FluxPipeline
+
+    if args.worker in ("no-stability", "no-bookkeeping"):
+        afcache.AFCache._stability_update = _skip_stability
+    if args.worker in ("no-taylor", "no-bookkeeping"):
+        state.TaylorFeature.update = _skip_update
+        state.NewtonClock.advance = _skip_advance
+    pipe = FluxPipeline.from_pretrained(args.checkpoint, dtype="float32", mode="graph")
+    call = dict(prompt="a photo of a cat on a wooden table", height=args.height, width=args.width,
+                num_inference_steps=args.steps, max_sequence_length=args.text_tokens, seed=0, progress=False,
+                output_type="latent")
+    cache = CacheConfig("afcache", threshold=1.0, order=2)
+    pipe(**call)
+    pipe(**call, cache=cache)  # compile both first
+    uncached, cached = [], []
+    for _ in range(args.rounds):
+        uncached += pipe(**call).timings["steps"]
+        out = pipe(**call, cache=cache)
+        cached += out.timings["steps"]
+    # whether the stability update ran: every stability starts at 0.5 and moves only through it
+    moved = bool(np.any(np.abs(np.asarray(out.cache_stats.stability["cond"][-1]) - 0.5) > 1e-6))
+    return dict(variant=args.worker, uncached_step_s=float(np.median(uncached)),
+                afcache_step_s=float(np.median(cached)),
+                overhead=float(np.median(cached) / np.median(uncached) - 1), stability_moved=moved)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(time_variant(args)))
+        return
+    from tqdm.auto import tqdm
+    from eval.make_tiny_checkpoint import checkpoint_or_flux_proportioned
+
+    results = []
+    with checkpoint_or_flux_proportioned(args.checkpoint, variant="dev") as checkpoint:
+        for variant in tqdm(args.variants, desc="variants (one process each)"):
+            cmd = [sys.executable, "-m", "eval.profile_afcache", "--worker", variant, "--checkpoint", checkpoint,
+                   "--height", str(args.height), "--width", str(args.width), "--text-tokens",
+                   str(args.text_tokens), "--steps", str(args.steps), "--rounds", str(args.rounds)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode or not lines:
+                raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-2000:]}")
+            results.append(json.loads(lines[-1]))
+    print(f"\n{args.checkpoint or 'FLUX-proportioned random model'}, {args.height}x{args.width}, {args.text_tokens} "
+          f"text tokens, fp32, AFCache order 2 at threshold 1, {args.rounds} rounds of {args.steps} steps\n")
+    print("| variant | uncached step s | AFCache step s | overhead |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['variant']} | {r['uncached_step_s']:.3f} | {r['afcache_step_s']:.3f} | {r['overhead']:+.1%} |")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results), f, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
