@@ -15,21 +15,17 @@ AFCache, median step of each.
 """
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
+
+from eval.profile_step import add_model_arguments, check_model_arguments, run_workers, write_json
 
 VARIANTS = ("full", "no-stability", "no-taylor", "no-bookkeeping")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="diffusers-format FLUX.1 folder (default: the FLUX-proportioned random model)")
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--text-tokens", type=int, default=64)
+    add_model_arguments(p)
     p.add_argument("--steps", type=int, default=4, help="steps of each timed run (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="alternating uncached / AFCache rounds (default 3)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
@@ -40,11 +36,7 @@ def parse_args(argv=None):
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad or not args.variants:
         p.error(f"--variants: unknown {bad or 'empty list'}; choose from {', '.join(VARIANTS)}")
-    if args.height % 16 or args.width % 16 or min(args.height, args.width, args.text_tokens, args.steps,
-                                                  args.rounds) < 1:
-        p.error("--height / --width must be positive multiples of 16; --text-tokens, --steps, --rounds at least 1")
-    if args.checkpoint and not os.path.isdir(os.path.join(args.checkpoint, "transformer")):
-        p.error(f"--checkpoint {args.checkpoint!r} has no transformer/ folder")
+    check_model_arguments(p, args, steps=args.steps, rounds=args.rounds)
     return args
 
 
@@ -95,30 +87,20 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(time_variant(args)))
         return
-    from tqdm.auto import tqdm
     from eval.make_tiny_checkpoint import checkpoint_or_flux_proportioned
 
-    results = []
     with checkpoint_or_flux_proportioned(args.checkpoint, variant="dev") as checkpoint:
-        for variant in tqdm(args.variants, desc="variants (one process each)"):
-            cmd = [sys.executable, "-m", "eval.profile_afcache", "--worker", variant, "--checkpoint", checkpoint,
-                   "--height", str(args.height), "--width", str(args.width), "--text-tokens",
-                   str(args.text_tokens), "--steps", str(args.steps), "--rounds", str(args.rounds)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            if done.returncode or not lines:
-                raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-2000:]}")
-            results.append(json.loads(lines[-1]))
+        results = run_workers("eval.profile_afcache", args.variants,
+                              ["--checkpoint", checkpoint, "--height", str(args.height), "--width", str(args.width),
+                               "--text-tokens", str(args.text_tokens), "--steps", str(args.steps), "--rounds",
+                               str(args.rounds)])
     print(f"\n{args.checkpoint or 'FLUX-proportioned random model'}, {args.height}x{args.width}, {args.text_tokens} "
           f"text tokens, fp32, AFCache order 2 at threshold 1, {args.rounds} rounds of {args.steps} steps\n")
     print("| variant | uncached step s | AFCache step s | overhead |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['variant']} | {r['uncached_step_s']:.3f} | {r['afcache_step_s']:.3f} | {r['overhead']:+.1%} |")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results), f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results))
 
 
 if __name__ == "__main__":

@@ -28,12 +28,47 @@ PARTS = {  # variant -> what is replaced in models.flux_transformer / models.lay
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p):
+    """--checkpoint / --height / --width / --text-tokens, as both profilers (this one, profile_afcache) take them."""
     p.add_argument("--checkpoint", help="diffusers-format FLUX.1 folder (default: the FLUX-proportioned random model)")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--text-tokens", type=int, default=64)
+
+
+def check_model_arguments(p, args, **counts):
+    """Exit with one line on a bad model argument; counts: other options (name -> value) that must be >= 1."""
+    if args.height % 16 or args.width % 16 or min(args.height, args.width, args.text_tokens, *counts.values()) < 1:
+        names = ", ".join(["--text-tokens"] + [f"--{n.replace('_', '-')}" for n in counts])
+        p.error(f"--height / --width must be positive multiples of 16; {names} at least 1")
+    if args.checkpoint and not os.path.isdir(os.path.join(args.checkpoint, "transformer")):
+        p.error(f"--checkpoint {args.checkpoint!r} has no transformer/ folder")
+
+
+def run_workers(module, variants, argv):
+    """Each variant timed by `python -m module --worker VARIANT *argv` in its own process -> its JSON lines."""
+    from tqdm.auto import tqdm
+    results = []
+    for variant in tqdm(variants, desc="variants (one process each)"):
+        done = subprocess.run([sys.executable, "-m", module, "--worker", variant, *argv], capture_output=True,
+                              text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-2000:]}")
+        results.append(json.loads(lines[-1]))
+    return results
+
+
+def write_json(path, data):
+    """Write to a temporary name, then rename: a killed run never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
     p.add_argument("--repeats", type=int, default=8, help="timed steps per variant after the first (default 8)")
     p.add_argument("--variants", default="full," + ",".join(PARTS) + ",linear-only",
                    help="comma-separated subset of: full, " + ", ".join(PARTS) + ", linear-only")
@@ -48,10 +83,7 @@ def parse_args(argv=None):
     bad = [v for v in args.variants if v not in known]
     if bad or not args.variants:
         p.error(f"--variants: unknown {bad or 'empty list'}; choose from full, {', '.join(PARTS)}, linear-only")
-    if args.height % 16 or args.width % 16 or min(args.height, args.width, args.text_tokens, args.repeats) < 1:
-        p.error("--height / --width must be positive multiples of 16; --text-tokens, --repeats at least 1")
-    if args.checkpoint and not os.path.isdir(os.path.join(args.checkpoint, "transformer")):
-        p.error(f"--checkpoint {args.checkpoint!r} has no transformer/ folder")
+    check_model_arguments(p, args, repeats=args.repeats)
     return args
 
 
@@ -151,17 +183,10 @@ def time_torch(checkpoint, args):
 
 
 def run(args, checkpoint):
-    from tqdm.auto import tqdm
-    results = []
-    for variant in tqdm(args.variants, desc="variants (one process each)"):
-        cmd = [sys.executable, "-m", "eval.profile_step", "--worker", variant, "--checkpoint", checkpoint,
-               "--height", str(args.height), "--width", str(args.width), "--text-tokens", str(args.text_tokens),
-               "--repeats", str(args.repeats)] + (["--jit-level", args.jit_level] if args.jit_level else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode or not lines:
-            raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-2000:]}")
-        results.append(json.loads(lines[-1]))
+    argv = ["--checkpoint", checkpoint, "--height", str(args.height), "--width", str(args.width), "--text-tokens",
+            str(args.text_tokens), "--repeats", str(args.repeats)] + (["--jit-level", args.jit_level] if args.jit_level
+                                                                      else [])
+    results = run_workers("eval.profile_step", args.variants, argv)
     torch_s = None if args.no_torch else time_torch(checkpoint, args)
     return results, torch_s
 
@@ -196,11 +221,8 @@ def main(argv=None):
     print(f"\n{args.checkpoint or 'FLUX-proportioned random model'}, {args.height}x{args.width}, {args.text_tokens} "
           f"text tokens, fp32, batch 1, jit_level {args.jit_level or 'default'}, {os.cpu_count()} cores\n\n{text}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results,
-                           torch_step_s=torch_s), f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results,
+                                   torch_step_s=torch_s))
 
 
 if __name__ == "__main__":

@@ -232,12 +232,13 @@ def train_transformer(torch, model, vae, text, args, stream, history, gen, snaps
     model.train()
     forward = torch.compile(model) if args.compile else model
     first = history[-1]["step"] + 1 if history else 0
+    shape_weights = parse_shape_weights(args.shape_weight)
     bar = tqdm(range(args.steps), desc="transformer", unit="step")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr, 100)
         images, captions = training_batch(stream.take(args.batch), args.batch,
-                                          shape_weights=parse_shape_weights(args.shape_weight))
+                                          shape_weights=shape_weights)
         drop = torch.rand(len(captions), generator=gen) < CAPTION_DROPOUT
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
