@@ -281,8 +281,9 @@ def generate_all(args, scenes):
 
 
 def score(args, scenes, results):
-    """One row per setting. A setting's scores are saved (scores/NAME.json) with the signature of its images
-    and of the scoring options, and reused by a rerun when both are unchanged."""
+    """One row per setting. A setting's scores are saved (scores/NAME.json) with the signature of its images, of
+    the reference's and the reader version, and reused by a rerun while those are unchanged; FID and CLIP score
+    are added to them when first asked for (a rerun with --fid computes FID only)."""
     from tqdm.auto import tqdm
     from eval.adherence import READER_VERSION, summarize
     from eval.metrics import FrechetDistance, clip_score, fidelity
@@ -295,24 +296,28 @@ def score(args, scenes, results):
     rows = []
     for name in tqdm(args.names, desc="scoring", unit="setting"):
         r, cfg = results[name], cache_config(name, args.table)
-        key = [r["signature"], ref["signature"], args.fid, args.clip_model and os.path.abspath(args.clip_model),
-               READER_VERSION]
+        key = [r["signature"], ref["signature"], READER_VERSION]
         path = os.path.join(args.out, "scores", f"{name}.json")
         saved = None
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
+        fresh = dict(saved or {})
         if saved is None or saved.get("key") != key:
-            saved = dict(key=key, adherence=summarize(scenes, r["images"]))
-            saved["psnr"], saved["ssim"] = fidelity(r["images"], ref["images"])
-            if args.fid:
-                fid_of = fid_of or FrechetDistance(np.stack([render(s) for s in scenes]), progress=True)
-                saved["fid"] = fid_of(r["images"])
-            if args.clip_model:
-                saved["clip_score"] = clip_score(r["images"], [s.caption for s in scenes], args.clip_model)[0]
+            fresh = dict(key=key, adherence=summarize(scenes, r["images"]))
+            fresh["psnr"], fresh["ssim"] = fidelity(r["images"], ref["images"])
+        if args.fid and fresh.get("fid") is None:  # an optional score is added to the saved ones, never redoes them
+            fid_of = fid_of or FrechetDistance(np.stack([render(s) for s in scenes]), progress=True)
+            fresh["fid"] = fid_of(r["images"])
+        clip_model = args.clip_model and os.path.abspath(args.clip_model)
+        if clip_model and fresh.get("clip_model") != clip_model:
+            fresh["clip_score"] = clip_score(r["images"], [s.caption for s in scenes], args.clip_model)[0]
+            fresh["clip_model"] = clip_model
+        if fresh != saved:
             with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(saved, f)
+                json.dump(fresh, f)
             os.replace(path + ".tmp", path)
+        saved = fresh
         per_image = sum(r["denoise_s"]) / n
         patterns = r["patterns"]
         rows.append(dict(
@@ -358,8 +363,31 @@ def pareto_front(points):
             if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
 
 
+def _place_labels(ax, points, texts, fontsize=7):
+    """Annotate each point with its text where it covers no other label (tried around the point, nearest
+    first): settings of equal speed and quality would otherwise print on top of each other."""
+    ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits before reading display positions
+    scale = 72.0 / ax.figure.dpi  # display pixels -> points
+    height = fontsize + 2
+    tries = [(dx, dy) for dy in (2, -height, height + 2, -2 * height - 2, 2 * height + 2, -3 * height - 2)
+             for dx in (3, -3)]
+    placed = []
+    for (x, y), text in zip(points, texts):
+        px, py = ax.transData.transform((x, y)) * scale
+        width = 0.62 * fontsize * len(text) + 2
+        for dx, dy in tries:
+            left = px + dx if dx > 0 else px + dx - width
+            box = (left, py + dy, left + width, py + dy + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(box[0] - px, box[1] - py), textcoords="offset points",
+                    fontsize=fontsize, va="bottom", ha="left")
+
+
 def plot_pareto(rows, path):
-    """Measured speedup against each quality figure, the Pareto front of each panel drawn."""
+    """Measured speedup against each quality figure, the Pareto front of each panel drawn. Points carry the
+    setting's number; the key beside the panels names them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -368,25 +396,32 @@ def plot_pareto(rows, path):
               ("one-object adherence, all attributes (%)", lambda r: 100 * r["adherence"]["one object"]["all"], 1)]
     if rows[0].get("fid") is not None:
         panels.append(("FID against ground truth (lower is better)", lambda r: r["fid"], -1))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5))
+    key_width = 0.6 + 0.065 * max(len(f"{len(rows)}  {r['setting']}") for r in rows)  # inches, 7 pt monospace
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + key_width, 5.5))
     families = sorted({r["config"]["method"] for r in rows})
     colour = {m: f"C{k}" for k, m in enumerate(families)}
+    numbers = [str(k) for k in range(len(rows))]  # 0 is the uncached reference
     for ax, (label, value, sign) in zip(axes, panels):
         points = [(r["speedup"], sign * value(r)) for r in rows]
         for r, (x, y) in zip(rows, points):
             ax.scatter(x, sign * y, color=colour[r["config"]["method"]], s=30, zorder=3)
-            ax.annotate(r["setting"], (x, sign * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = sorted((points[i] for i in pareto_front(points)))
         ax.plot([x for x, _ in front], [sign * y for _, y in front], color="0.3", ls="--", lw=1, zorder=2,
                 label="Pareto front")
         ax.set_xlabel("measured speedup (denoising, x uncached)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        _place_labels(ax, [(x, sign * y) for x, y in points], numbers)
     for m in families:
         axes[0].scatter([], [], color=colour[m], label=m)
     axes[0].legend(fontsize=8)
     fig.suptitle("cache settings: speed against quality (psnr of the uncached run is shown at 60 dB)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - key_width / fig.get_figwidth(), 1))
+    key_left = 1 - (key_width - 0.15) / fig.get_figwidth()
+    line = min(0.028, 0.9 / max(len(rows), 1))
+    for k, r in enumerate(rows):
+        fig.text(key_left, 0.92 - k * line, f"{k:>2}  {r['setting']}", fontsize=7, family="monospace",
+                 color=colour[r["config"]["method"]], va="top")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

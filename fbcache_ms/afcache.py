@@ -24,6 +24,8 @@ which `python -m eval.calibrate_cache` turns into a threshold).
 """
 import math
 
+import numpy as np
+
 import mindspore as ms
 from mindspore import nn, ops
 
@@ -50,6 +52,9 @@ class AFCache(CachePolicy):
         # stability - START, so that the in-place reset (zeros) starts every block at START
         self.stability = _buffer((self.n_blocks, order + 1), ms.float32, "af_stability")
         self.gram = ops.MatMul(transpose_b=True)
+        self.eye = ms.Tensor(np.eye(order + 2, dtype=np.float32))
+        self.predictors = ms.Tensor(np.arange(order + 1, dtype=np.int32))
+        self.block_index = ms.Tensor(np.arange(self.n_blocks, dtype=np.int32))
 
     # ---------------------------------------------------------------- host side
     def step_inputs(self, cache, i, num_steps):
@@ -113,14 +118,15 @@ class AFCache(CachePolicy):
             a = ops.stack([x.astype(ms.float32).reshape(-1) for x in rows])
             g = self.gram(a, a)
             gram = g if gram is None else gram + g
-        rows = []
-        for p in range(last):
-            c = gram[p, last] / (ops.sqrt(gram[p, p] * gram[last, last]) + EPS)
-            valid = (clock.count > p).astype(ms.float32)
-            old = self.stability[b, p]
-            rows.append(valid * (EMA_KEEP * old + (1 - EMA_KEEP) * (c - START)) + (1 - valid) * old)
-        mask = (ops.arange(self.n_blocks) == b).astype(ms.float32)[:, None]
-        ops.assign(self.stability, self.stability * (1 - mask) + mask * ops.stack(rows)[None, :])
+        # all predictors at once (a handful of scalar ops per predictor cost more than the Gram matrix)
+        norms = (gram * self.eye).sum(1)
+        cosine = gram[:last, last] / (ops.sqrt(norms[:last] * norms[last]) + EPS)
+        valid = clock.count > self.predictors
+        old = self.stability[b]
+        new = ops.select(valid, EMA_KEEP * old + (1 - EMA_KEEP) * (cosine - START), old)
+        mask = (self.block_index == b)[:, None]
+        ops.assign(self.stability, ops.select(ops.broadcast_to(mask, self.stability.shape),
+                                              ops.broadcast_to(new[None, :], self.stability.shape), self.stability))
 
     def _forecast(self, state, weights, best_p):
         """The block's most stable predictor: the terms up to best_p."""

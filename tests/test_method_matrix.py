@@ -32,6 +32,16 @@ def test_matrix_from_a_settings_file_writes_results_and_plots_and_reuses_them(tm
     assert benchmark_quality.main(argv) == 0  # a rerun generates and scores nothing again
     assert {p: os.path.getmtime(p) for p in stamps} == stamps
 
+    # a rerun asking for FID adds it to the saved scores and redoes nothing else (marked: a recomputed score
+    # would replace the mark)
+    saved = out / "scores" / "fb-0.5.json"
+    scores = json.loads(saved.read_text())
+    saved.write_text(json.dumps(dict(scores, psnr=-1.0)))
+    assert benchmark_quality.main(argv + ["--fid"]) == 0
+    scores = json.loads(saved.read_text())
+    assert scores["psnr"] == -1.0 and scores["fid"] > 0
+    assert json.loads((out / "results.json").read_text())["rows"][1]["fid"] == scores["fid"]
+
 
 @pytest.mark.parametrize("content,message", [
     ("[1, 2]", "expected a JSON object of settings"),
