@@ -298,26 +298,25 @@ def score(args, scenes, results):
         r, cfg = results[name], cache_config(name, args.table)
         key = [r["signature"], ref["signature"], READER_VERSION]
         path = os.path.join(args.out, "scores", f"{name}.json")
-        saved = None
+        on_disk = None
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-        fresh = dict(saved or {})
-        if saved is None or saved.get("key") != key:
-            fresh = dict(key=key, adherence=summarize(scenes, r["images"]))
-            fresh["psnr"], fresh["ssim"] = fidelity(r["images"], ref["images"])
-        if args.fid and fresh.get("fid") is None:  # an optional score is added to the saved ones, never redoes them
+                on_disk = json.load(f)
+        scores = dict(on_disk or {})
+        if scores.get("key") != key:
+            scores = dict(key=key, adherence=summarize(scenes, r["images"]))
+            scores["psnr"], scores["ssim"] = fidelity(r["images"], ref["images"])
+        if args.fid and scores.get("fid") is None:  # an optional score is added to the saved ones, never redoes them
             fid_of = fid_of or FrechetDistance(np.stack([render(s) for s in scenes]), progress=True)
-            fresh["fid"] = fid_of(r["images"])
+            scores["fid"] = fid_of(r["images"])
         clip_model = args.clip_model and os.path.abspath(args.clip_model)
-        if clip_model and fresh.get("clip_model") != clip_model:
-            fresh["clip_score"] = clip_score(r["images"], [s.caption for s in scenes], args.clip_model)[0]
-            fresh["clip_model"] = clip_model
-        if fresh != saved:
+        if clip_model and scores.get("clip_model") != clip_model:
+            scores["clip_score"] = clip_score(r["images"], [s.caption for s in scenes], args.clip_model)[0]
+            scores["clip_model"] = clip_model
+        if scores != on_disk:
             with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(fresh, f)
+                json.dump(scores, f)
             os.replace(path + ".tmp", path)
-        saved = fresh
         per_image = sum(r["denoise_s"]) / n
         patterns = r["patterns"]
         rows.append(dict(
@@ -326,8 +325,8 @@ def score(args, scenes, results):
             ideal_speedup=1 / float(np.mean(r["block_fraction"])),
             steps_computed=float(np.mean([p.count("C") for p in patterns])),
             state_kib_per_image=float(np.mean(r["state_bytes"])) / 1024,
-            common_pattern=max(set(patterns), key=patterns.count), psnr=saved["psnr"], ssim=saved["ssim"],
-            fid=saved.get("fid"), clip_score=saved.get("clip_score"), adherence=saved["adherence"]))
+            common_pattern=max(set(patterns), key=patterns.count), psnr=scores["psnr"], ssim=scores["ssim"],
+            fid=scores.get("fid"), clip_score=scores.get("clip_score"), adherence=scores["adherence"]))
     return rows
 
 
