@@ -44,11 +44,15 @@ def _skip_stability(self, *args):
     return None
 
 
+def _skip_gram(self, *args):
+    return self.no_gram
+
+
 def _skip_update(self, x, scales):
     return x
 
 
-def _skip_advance(self, step):
+def _skip_advance(self, *args):
     return None
 
 
@@ -60,6 +64,7 @@ def time_variant(args):
 
     if args.worker in ("no-stability", "no-bookkeeping"):
         afcache.AFCache._stability_update = _skip_stability
+        afcache.AFCache._gram = _skip_gram
     if args.worker in ("no-taylor", "no-bookkeeping"):
         state.TaylorFeature.update = _skip_update
         state.NewtonClock.advance = _skip_advance

@@ -48,13 +48,14 @@ class AFCache(CachePolicy):
         self.res_e = nn.CellList([TaylorFeature(txt, dtype, order, f"af_e{i}") for i in range(self.n_double)])
         self.res_x = nn.CellList([TaylorFeature(joint, dtype, order, f"af_x{i}")
                                   for i in range(cfg.num_single_layers)])
-        self.clocks = nn.CellList([NewtonClock(order, f"af_clock{i}") for i in range(self.n_blocks)])
+        # one clock per block, advanced on the steps its block ran, kept as vectors over the blocks
+        self.clock = NewtonClock(order, "af_clock", groups=self.n_blocks)
         # stability - START, so that the in-place reset (zeros) starts every block at START
         self.stability = _buffer((self.n_blocks, order + 1), ms.float32, "af_stability")
         self.gram = ops.MatMul(transpose_b=True)
         self.eye = ms.Tensor(np.eye(order + 2, dtype=np.float32))
         self.predictors = ms.Tensor(np.arange(order + 1, dtype=np.int32))
-        self.block_index = ms.Tensor(np.arange(self.n_blocks, dtype=np.int32))
+        self.no_gram = ms.Tensor(np.zeros((order + 2, order + 2), np.float32))
 
     # ---------------------------------------------------------------- host side
     def step_inputs(self, cache, i, num_steps):
@@ -101,37 +102,31 @@ class AFCache(CachePolicy):
         run = ops.logical_or(run, ops.logical_or(full, threshold >= 1.0))
         return run, best_p
 
-    def _stability_update(self, b, fresh, states, clock, weights):
-        """EMA of cos(fresh, predictor p's forecast) for every p with enough history. states: the block's
-        TaylorFeatures (one per stream), fresh: their new residuals; the streams count as one vector."""
-        # every dot product at once: the Gram matrix of [forecast 0, ..., forecast order, fresh] (one stack and
-        # one matmul per stream instead of three multiply-and-sum reductions per predictor)
-        last = self.order + 1
+    def _gram(self, fresh, states, weights):
+        """Gram matrix of [forecast 0, ..., forecast order, fresh residual] of one block (its streams count as
+        one vector): every dot product the stability update needs, one stack and one matmul per stream."""
         gram = None
         for state, r in zip(states, fresh):
             f = state.forecast(weights, 0)
             rows = [f]
-            for p in range(1, last):
+            for p in range(1, self.order + 1):
                 f = f + state.term(weights, p)  # predictor p's forecast is predictor p-1's plus one Newton term
                 rows.append(f)
             rows.append(r)
             a = ops.stack([x.astype(ms.float32).reshape(-1) for x in rows])
             g = self.gram(a, a)
             gram = g if gram is None else gram + g
-        # all predictors at once (a handful of scalar ops per predictor cost more than the Gram matrix)
-        norms = (gram * self.eye).sum(1)
-        cosine = gram[:last, last] / (ops.sqrt(norms[:last] * norms[last]) + EPS)
-        valid = clock.count > self.predictors
-        old = self.stability[b]
-        new = ops.select(valid, EMA_KEEP * old + (1 - EMA_KEEP) * (cosine - START), old)
-        mask = (self.block_index == b)[:, None]
-        ops.assign(self.stability, ops.select(ops.broadcast_to(mask, self.stability.shape),
-                                              ops.broadcast_to(new[None, :], self.stability.shape), self.stability))
+        return gram
 
-    def _forecast(self, state, weights, best_p):
-        """The block's most stable predictor: the terms up to best_p."""
-        used = [w * (best_p >= p).astype(ms.float32) for p, w in enumerate(weights, 1)]
-        return state.forecast(used)
+    def _stability_update(self, grams, run):
+        """EMA of cos(fresh, predictor p's forecast) for every block that ran and every p with enough history,
+        all blocks at once from their Gram matrices [blocks, order + 2, order + 2]."""
+        last = self.order + 1
+        norms = (grams * self.eye).sum(2)
+        cosine = grams[:, :last, last] / (ops.sqrt(norms[:, :last] * norms[:, last:]) + EPS)
+        valid = ops.logical_and(self.clock.count[:, None] > self.predictors[None, :], run[:, None])
+        old = self.stability
+        ops.assign(self.stability, ops.select(valid, EMA_KEEP * old + (1 - EMA_KEEP) * (cosine - START), old))
 
     def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                   guidance, step, full, threshold, k):
@@ -139,37 +134,44 @@ class AFCache(CachePolicy):
         h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                        img_ids, txt_ids, guidance)
         run, best_p = self._decide(full, threshold, k)
+        # every block's Newton coefficients at once ([blocks] each); a block reads its own entries
+        weights = self.clock.forecast_weights(step)
+        scales = self.clock.update_scales(step)
+        used = [w * (best_p >= p).astype(ms.float32) for p, w in enumerate(weights, 1)]  # best predictor's terms
+        grams = []
         b = 0
         for block, state_h, state_e in zip(t.transformer_blocks, self.res_h, self.res_e):
-            clock = self.clocks[b]
-            weights = clock.forecast_weights(step)
             if run[b]:
                 h_new, e_new = block(h, e, temb, cos, sin)
                 r_h, r_e = h_new - h, e_new - e
-                self._stability_update(b, (r_h, r_e), (state_h, state_e), clock, weights)
-                scales = clock.update_scales(step)
-                state_h.update(r_h, scales)
-                state_e.update(r_e, scales)
-                clock.advance(step)
+                w_b = [w[b] for w in weights]
+                gram = self._gram((r_h, r_e), (state_h, state_e), w_b)
+                s_b = [s[b] for s in scales]
+                state_h.update(r_h, s_b)
+                state_e.update(r_e, s_b)
                 h, e = h_new, e_new  # not h + r_h: all blocks running must be the uncached model exactly
             else:
-                h = h + self._forecast(state_h, weights, best_p[b])
-                e = e + self._forecast(state_e, weights, best_p[b])
+                u_b = [u[b] for u in used]
+                h = h + state_h.forecast(u_b)
+                e = e + state_e.forecast(u_b)
+                gram = self.no_gram
+            grams.append(gram)
             b += 1
         txt_len = e.shape[1]
         x = ops.cat([e, h], axis=1)
         for block, state_x in zip(t.single_transformer_blocks, self.res_x):
-            clock = self.clocks[b]
-            weights = clock.forecast_weights(step)
             if run[b]:
                 x_new = block(x, temb, cos, sin)
                 r_x = x_new - x
-                self._stability_update(b, (r_x,), (state_x,), clock, weights)
-                state_x.update(r_x, clock.update_scales(step))
-                clock.advance(step)
+                gram = self._gram((r_x,), (state_x,), [w[b] for w in weights])
+                state_x.update(r_x, [s[b] for s in scales])
                 x = x_new
             else:
-                x = x + self._forecast(state_x, weights, best_p[b])
+                x = x + state_x.forecast([u[b] for u in used])
+                gram = self.no_gram
+            grams.append(gram)
             b += 1
+        self._stability_update(ops.stack(grams), run)  # reads the clocks' counts before they advance
+        self.clock.advance(step, run)
         codes = ops.select(run, ops.zeros_like(best_p), best_p + 1)
         return t.head(x[:, txt_len:], temb), run.all(), codes

@@ -37,36 +37,46 @@ class NewtonClock(CacheState):
     """The full steps a group of TaylorFeatures was last updated at (they update together), and the scalar
     coefficients derived from them: computed once per step for the whole group, so that each feature's
     update and forecast is one or two tensor ops (on a graph of 114 features the per-feature scalar
-    arithmetic cost more than the forecasts themselves)."""
+    arithmetic cost more than the forecasts themselves).
 
-    def __init__(self, order, name="clock"):
+    `groups`: that many independent clocks in one, each coefficient a [groups] vector (AFCache: one per block,
+    each advanced on the steps its block ran), so that their arithmetic is a handful of vector ops per step."""
+
+    def __init__(self, order, name="clock", groups=None):
         super().__init__()
         self.order = order
-        self.positions = _buffer((order + 1,), ms.float32, f"{name}_pos")  # s_n, s_n-1, ...
-        self.count = _buffer((), ms.int32, f"{name}_count")  # updates so far, up to order + 1
+        lead = () if groups is None else (groups,)
+        self.positions = _buffer(lead + (order + 1,), ms.float32, f"{name}_pos")  # s_n, s_n-1, ...
+        self.count = _buffer(lead, ms.int32, f"{name}_count")  # updates so far, up to order + 1
+
+    def _position(self, i):
+        return self.positions[..., i]
 
     def update_scales(self, step):
         """1 / (step - s_i) for difference i+1, 0 where difference i has no history yet (then i+1 is 0)."""
         scales = []
         for i in range(self.order):
             valid = (self.count > i).astype(ms.float32)
-            scales.append(valid / (valid * (step - self.positions[i]) + (1 - valid)))
+            scales.append(valid / (valid * (step - self._position(i)) + (1 - valid)))
         return scales
 
-    def advance(self, step):
-        """After every feature of the group took its update at `step`."""
-        if self.order > 0:
-            ops.assign(self.positions, ops.cat([step.reshape(1), self.positions[:self.order]]))
-        else:
-            ops.assign(self.positions, step.reshape(1))
-        ops.assign(self.count, ops.minimum(self.count + 1, self.order + 1))
+    def advance(self, step, ran=None):
+        """After every feature of the group took its update at `step` (of groups: those where `ran`)."""
+        now = ops.broadcast_to(step.reshape(1), self.count.shape + (1,))
+        positions = ops.cat([now, self.positions[..., :self.order]], axis=-1) if self.order > 0 else now
+        count = ops.minimum(self.count + 1, self.order + 1)
+        if ran is not None:
+            positions = ops.select(ops.broadcast_to(ran[:, None], positions.shape), positions, self.positions)
+            count = ops.select(ran, count, self.count)
+        ops.assign(self.positions, positions)
+        ops.assign(self.count, count)
 
     def forecast_weights(self, step):
         """Weight of the order-p term, p = 1..order: prod_{i<p} (step - s_i), 0 while difference p lacks its
         history."""
         weights, w = [], None
         for p in range(1, self.order + 1):
-            d = step - self.positions[p - 1]
+            d = step - self._position(p - 1)
             w = d if w is None else w * d
             weights.append(w * (self.count > p).astype(ms.float32))
         return weights

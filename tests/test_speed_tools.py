@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from eval import benchmark_vs_diffusers, profile_afcache, profile_step
+from eval import benchmark_vs_diffusers, profile_afcache, profile_control_flow, profile_step
 
 
 def test_side_by_side_runs_both_stacks_on_the_same_noise_and_counts_the_work(tiny_dev_checkpoint, tmp_path):
@@ -74,3 +74,18 @@ def test_afcache_profile_bad_variant(capsys):
     with pytest.raises(SystemExit):
         profile_afcache.parse_args(["--variants", "full,no-gram"])
     assert "no-gram" in capsys.readouterr().err
+
+
+def test_control_flow_profile_variants_compute_the_plain_model(tiny_dev_checkpoint, tmp_path):
+    out = tmp_path / "control_flow.json"
+    profile_control_flow.main(["--checkpoint", tiny_dev_checkpoint, "--height", "64", "--width", "64",
+                               "--text-tokens", "16", "--repeats", "1", "--json", str(out)])
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == set(profile_control_flow.VARIANTS)
+    assert all(r["max_abs_diff_vs_plain"] == 0 and r["step_s"] > 0 for r in results.values())
+
+
+def test_control_flow_profile_bad_variant(capsys):
+    with pytest.raises(SystemExit):
+        profile_control_flow.parse_args(["--variants", "ifs,select"])
+    assert "select" in capsys.readouterr().err
