@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+from eval.cache_args import add_compile_cache_argument, compile_cache_problem
 from fbcache_ms.calibration import CALIBRATIONS, load_calibration
 from fbcache_ms.config import CacheConfig
 from utils import EMBEDDED_MODEL
@@ -130,6 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--fid", action="store_true",
                    help="also FID of each setting against the generator's own pictures of the same prompts "
                         "(the data's ground truth; genuine FID InceptionV3, ~0.2 s per picture on 2 CPU cores)")
+    add_compile_cache_argument(p)
     p.add_argument("--decoder", default="mindspore", choices=("mindspore", "torch"),
                    help="VAE decoder for scoring: this project's MindSpore cell (default) or diffusers' "
                         "AutoencoderKL on the same weights (they agree to one level; MindSpore's CPU conv2d is "
@@ -163,6 +165,9 @@ def parse_args(argv=None):
         p.error(f"--true-cfg-scale must be a finite number >= 1, got {args.true_cfg_scale}")
     if not os.path.isdir(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
+    problem = compile_cache_problem(args.compile_cache)
+    if problem:
+        p.error(problem)
     from eval.metrics import MetricsError, check_clip_model, fid_inception_path
     try:
         if args.fid:
@@ -245,7 +250,7 @@ def generate_all(args, scenes):
                     bar.update()
                     continue
             if pipe is None:
-                pipe = FluxPipeline.from_pretrained(args.checkpoint, mode="graph")
+                pipe = FluxPipeline.from_pretrained(args.checkpoint, mode="graph", compile_cache=args.compile_cache)
                 decode = make_decoder(args, pipe)
             cache = cache_config(name, args.table)
             call = dict(height=64, width=64, max_sequence_length=32, progress=False, cache=cache, **cfg)

@@ -18,6 +18,7 @@ import time
 import mindspore as ms
 import numpy as np
 
+from eval.cache_args import add_compile_cache_argument, compile_cache_problem
 from eval.make_tiny_checkpoint import checkpoint_or_flux_proportioned
 
 
@@ -37,13 +38,19 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="graph,pynative", help="comma-separated: graph, pynative")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--json", help="also write the results to this JSON file")
-    return p.parse_args(argv)
+    add_compile_cache_argument(p)
+    args = p.parse_args(argv)
+    problem = compile_cache_problem(args.compile_cache)
+    if problem:
+        p.error(problem)
+    return args
 
 
 def time_mode(checkpoint, mode, args):
     from pipelines.flux_pipeline import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(checkpoint, dtype=args.dtype, mode=mode)
+    pipe = FluxPipeline.from_pretrained(checkpoint, dtype=args.dtype, mode=mode,
+                                        compile_cache=args.compile_cache if mode == "graph" else None)
     call = dict(prompt="a photo of a cat", height=args.height, width=args.width, num_inference_steps=args.steps,
                 max_sequence_length=args.text_tokens, seed=0, output_type="latent", progress=False)
     start = time.perf_counter()

@@ -1,4 +1,6 @@
 """The cache options shared by the eval scripts (--cache, --threshold, ...)."""
+import os
+
 from fbcache_ms.config import DEFAULT_THRESHOLDS, METHODS, TAYLOR_VARIANTS, CacheConfig
 
 
@@ -51,3 +53,26 @@ def cache_config_from_args(args):
                        calibration=args.calibration, max_skip=args.max_skip, retention=args.retention,
                        fourier_ratio=args.fourier_ratio, alpha=args.alpha, motion_ratio=args.motion_ratio,
                        budget=args.budget)
+
+
+COMPILE_CACHE_HELP = ("keep the compiled graphs in this folder and load them on later runs that compile the same "
+                      "graphs in the same order (a first call then takes seconds instead of a compile; "
+                      "see README: compile cache); default: compile every run")
+
+
+def add_compile_cache_argument(parser):
+    parser.add_argument("--compile-cache", default=None, metavar="DIR", help=COMPILE_CACHE_HELP)
+
+
+def compile_cache_problem(path):
+    """One line on why `path` cannot be a compile cache folder, or None."""
+    if path is None:
+        return None
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--compile-cache {path!r} is a file, not a folder"
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--compile-cache {path!r}: {parent} is not writable"
+    return None

@@ -31,7 +31,8 @@ import os
 import sys
 import time
 
-from eval.cache_args import add_cache_arguments, cache_config_from_args
+from eval.cache_args import (add_cache_arguments, add_compile_cache_argument, cache_config_from_args,
+                             compile_cache_problem)
 from eval.prompt_sources import MAX_SEED, PromptItem, PromptSourceError, check_source, load_prompts
 from utils import EMBEDDED_MODEL
 
@@ -84,6 +85,7 @@ def build_parser():
     p.add_argument("--device", default=None, choices=["CPU", "Ascend"],
                    help="MindSpore device; default: MindSpore's choice")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compile_cache_argument(p)
     g = add_cache_arguments(p)
     g.add_argument("--residual_diff_threshold", type=float, default=None,
                    help="mindone's flag: FBCache with this threshold (same as --cache fbcache --threshold X)")
@@ -159,6 +161,9 @@ def check_args(args):
         raise UsageError("--dtype bfloat16 needs --device Ascend (MindSpore has no CPU bfloat16 matmul)")
     _mindone_cache(args)
     cache = cache_config_from_args(args)
+    problem = compile_cache_problem(args.compile_cache)
+    if problem:
+        raise UsageError(problem)
     info = inspect_checkpoint(args.checkpoint)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value % info.size_multiple:
@@ -224,7 +229,8 @@ def main(argv=None):
 
     start = time.perf_counter()
     try:
-        pipe = FluxPipeline.from_pretrained(args.checkpoint, dtype=args.dtype, mode=args.mode)
+        pipe = FluxPipeline.from_pretrained(args.checkpoint, dtype=args.dtype, mode=args.mode,
+                                            compile_cache=args.compile_cache)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from models.checkpoint import CheckpointError
 from models.flux_transformer import load_flux_transformer
 from models.text_encoders import load_clip_text_encoder, load_t5_encoder
 from models.vae import load_vae, to_uint8_images
+from pipelines.compile_cache import DiskCompiled
 from pipelines.scheduling import euler_step, flux_timesteps, load_scheduler
 from utils import resolve_dtype
 
@@ -39,8 +40,16 @@ class PipelineOutput:
     cache_stats: Optional[CacheStats] = None  # per-step computed / reused, when a cache ran
 
 
-def _compiled(fn, mode):
-    return ms.jit(fn) if mode == "graph" else fn
+def _compiled(fn, mode, compile_cache=None, cell=None, identity=None):
+    """fn compiled (graph mode), through the on-disk compile cache when a folder is given."""
+    if mode != "graph":
+        return fn
+    return ms.jit(fn) if compile_cache is None else DiskCompiled(fn, compile_cache, cell, identity)
+
+
+def _config_of(cell):
+    config = getattr(cell, "config", None)
+    return repr(sorted(vars(config).items())) if config is not None and hasattr(config, "__dict__") else repr(config)
 
 
 def pack_latents(latents):
@@ -149,23 +158,30 @@ def inspect_checkpoint(path):
 
 class FluxPipeline:
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, transformer, vae, scheduler,
-                 dtype=ms.float32, mode="graph"):
+                 dtype=ms.float32, mode="graph", compile_cache=None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
+        if compile_cache is None and os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1":
+            warnings.warn("MS_COMPILER_CACHE_ENABLE=1: MindSpore's compile cache loads graphs by their compile order "
+                          "and can give one graph another's compiled code; use compile_cache=DIR (--compile-cache) "
+                          "instead, which keeps each graph in a folder of its own")
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
-        self.dtype, self.mode = dtype, mode
+        self.dtype, self.mode, self.compile_cache = dtype, mode, compile_cache
         self.vae_scale_factor = vae.vae_scale_factor
-        self._clip = _compiled(text_encoder.construct, mode)
-        self._t5 = _compiled(text_encoder_2.construct, mode)
-        self._transformer = _compiled(transformer.construct, mode)
-        self._decode = _compiled(vae.construct, mode)
+        compiled = lambda name, cell: _compiled(cell.construct, mode, compile_cache, cell,  # noqa: E731
+                                                (name, _config_of(cell), str(dtype)))
+        self._clip = compiled("clip", text_encoder)
+        self._t5 = compiled("t5", text_encoder_2)
+        self._transformer = compiled("transformer", transformer)
+        self._decode = compiled("vae", vae)
         self._policies = {}  # (branch, structure, shape) -> (policy cell, compiled construct)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", mode="graph"):
-        """Load a diffusers-format FLUX.1 folder (dev or schnell). mode: "graph" (compiled) or "pynative"."""
+    def from_pretrained(cls, path, dtype="float32", mode="graph", compile_cache=None):
+        """Load a diffusers-format FLUX.1 folder (dev or schnell). mode: "graph" (compiled) or "pynative".
+        compile_cache: a folder where compiled graphs are kept between runs (pipelines/compile_cache.py)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
         dtype = resolve_dtype(dtype)
@@ -179,7 +195,7 @@ class FluxPipeline:
             transformer=load_flux_transformer(sub("transformer"), dtype),
             vae=load_vae(sub("vae"), dtype),
             scheduler=load_scheduler(sub("scheduler")),
-            dtype=dtype, mode=mode)
+            dtype=dtype, mode=mode, compile_cache=compile_cache)
 
     @property
     def is_dev(self):
@@ -206,7 +222,8 @@ class FluxPipeline:
         key = (branch, *cache.structure, batch, image_tokens, text_tokens, grid)
         if key not in self._policies:
             policy = make_policy(cache, self.transformer, batch, image_tokens, text_tokens, grid)
-            self._policies[key] = (policy, _compiled(policy.construct, self.mode))
+            self._policies[key] = (policy, _compiled(policy.construct, self.mode, self.compile_cache, policy,
+                                                     ("policy", key, _config_of(self.transformer), str(self.dtype))))
         return self._policies[key]
 
     def encode_prompt(self, prompts, num_images_per_prompt, max_sequence_length):

@@ -103,6 +103,8 @@ CASES = [
      r"vae/config.json is a folder"),
     ("truncated safetensors", ["--prompt", "a", "--checkpoint", _damaged_checkpoint(_truncate)],
      r"transformer/.*\.safetensors: truncated"),
+    ("compile cache a file", ["--prompt", "a", "--compile-cache", _write("cache.bin", "x")],
+     r"--compile-cache .*cache.bin' is a file, not a folder"),
     ("tokenizer without files", ["--prompt", "a", "--checkpoint", _damaged_checkpoint(
         lambda p: [f.unlink() for f in (p / "tokenizer_2").iterdir()])], "tokenizer_2 lacks its files"),
 ]

@@ -1,0 +1,94 @@
+"""The on-disk compile cache: a later process gets its graphs back when it compiles them in the same order, never
+another graph's code in any order; a pipeline run through it gives the same images as one without it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from pipelines.compile_cache import graph_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# graph mode compiles only code in a source file: the drivers are written to files
+TWO_GRAPHS = """
+import json, sys
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+from pipelines.compile_cache import DiskCompiled
+
+class Scale(nn.Cell):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor  # a Python constant of the graph, as a policy's static settings are
+        self.w = ms.Parameter(ms.Tensor(np.ones(3, np.float32)), name="w")
+    def construct(self, x):
+        return x * self.w * self.factor
+
+root, order = sys.argv[1], [int(f) for f in sys.argv[2].split(",")]
+out = {}
+for factor in order:
+    cell = Scale(factor)
+    out[factor] = DiskCompiled(cell.construct, root, cell, ("scale", factor))(ms.Tensor(np.ones(3, np.float32))).asnumpy().tolist()
+print(json.dumps(out))
+"""
+
+PIPELINE = """
+import sys
+import numpy as np
+from fbcache_ms.config import CacheConfig
+from pipelines.flux_pipeline import FluxPipeline
+
+checkpoint, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
+pipe = FluxPipeline.from_pretrained(checkpoint, mode="graph", compile_cache=root or None)
+call = dict(prompt="a cat", height=64, width=64, num_inference_steps=4, seed=3, output_type="np", progress=False)
+plain = pipe(**call).images
+cached = pipe(**call, cache=CacheConfig("fbcache", threshold=0.5)).images
+np.savez(out, plain=plain, cached=cached)
+"""
+
+
+def _run(tmp_path, source, *args):
+    driver = tmp_path / "driver.py"
+    driver.write_text(source)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("MS_COMPILER_CACHE_ENABLE", None)
+    done = subprocess.run([sys.executable, str(driver), *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _saved(root):
+    """MindSpore's compiled files: name -> modification time."""
+    folder = graph_folder(str(root))
+    return {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder) if f.endswith(".mindir")}
+
+
+def test_a_graph_never_loads_another_graphs_code_whatever_the_order(tmp_path):
+    root = tmp_path / "cache"
+    expected = {"2": [2.0] * 3, "3": [3.0] * 3}
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "2,3").splitlines()[-1]) == expected
+    # the other order: MindSpore alone would load the doubling graph for the tripling one (file 0)
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "3,2").splitlines()[-1]) == expected
+    saved = _saved(root)
+    # the same order again: both loaded, nothing compiled or written
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "3,2").splitlines()[-1]) == expected
+    assert _saved(root) == saved and len(saved) == 2
+
+
+def test_a_pipeline_run_loads_its_graphs_and_gives_the_same_images(tiny_dev_checkpoint, tmp_path):
+    root = tmp_path / "cache"
+    _run(tmp_path, PIPELINE, tiny_dev_checkpoint, "", tmp_path / "none.npz")
+    _run(tmp_path, PIPELINE, tiny_dev_checkpoint, root, tmp_path / "first.npz")
+    saved = _saved(root)
+    _run(tmp_path, PIPELINE, tiny_dev_checkpoint, root, tmp_path / "again.npz")
+    # clip, t5, the transformer, the vae and the FBCache policy: the second run loaded all five and wrote nothing
+    assert len(saved) == 5
+    assert _saved(root) == saved
+    none, first, again = (np.load(tmp_path / f"{n}.npz") for n in ("none", "first", "again"))
+    for key in ("plain", "cached"):
+        np.testing.assert_array_equal(first[key], none[key])
+        np.testing.assert_array_equal(again[key], none[key])
