@@ -3,16 +3,19 @@
 What MindSpore 2.10 does (MS_COMPILER_CACHE_ENABLE / MS_COMPILER_CACHE_PATH; measured here): it saves the n-th
 graph a process compiles with the cache enabled as compile_cache_<n>.mindir, and on a later run loads file n
 for the n-th graph, checking only the hash of the Python source. Two different graphs compiled in the other
-order by a later process get each other's compiled code (seen: a graph that triples its input returned the
-doubled one). The folder is read once per process; the switch at every compile.
+order by a later process get each other's compiled code (seen: a graph that doubles the model's output
+returned the undoubled output of the graph compiled first the run before). The folder is read once per
+process; the switch at every compile.
 
 So here every cached compile goes through `DiskCompiled`, which counts them (n), keeps beside MindSpore's files
 a manifest of which graph each file n holds (a hash of everything the graph is built from: what it is, its
 cell's parameter names, shapes and dtypes, its configuration, its inputs' shapes and dtypes, this project's
-source, the MindSpore version and the device), deletes file n before the compile when it holds another graph,
-and turns the cache on for that compile only. A run that compiles its graphs in the same order as an earlier
-one loads them all; another order compiles again; no order loads a wrong graph. One folder per process;
-processes that share a folder take turns (a file lock around each compile).
+source, the MindSpore version and the device), moves file n aside before the compile when it holds another
+graph (back if MindSpore compiled nothing, having the graph in memory already), counts only the calls that
+added a graph to MindSpore's compiled graphs, and turns the cache on for those calls only. A run that
+compiles its graphs in the same order as an earlier one loads them all; another order compiles again; no
+order loads a wrong graph. One folder per process; processes that share a folder take turns (a file lock
+around each compile).
 """
 import fcntl
 import hashlib
@@ -20,6 +23,7 @@ import json
 import os
 
 import mindspore as ms
+from mindspore.graph.api import ms_compile_cache
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SOURCES = ("models", "fbcache_ms", "pipelines", "utils.py")
@@ -93,10 +97,12 @@ class DiskCompiled:
                 with open(manifest_path, encoding="utf-8") as f:
                     manifest = json.load(f)
             saved = os.path.join(folder, f"compile_cache_{n}.mindir")
+            aside = saved + ".aside"
             if manifest.get(str(n)) != key and os.path.exists(saved):
-                os.remove(saved)  # another graph's code: MindSpore must not load it for this one
+                os.replace(saved, aside)  # another graph's code: MindSpore must not load it for this one
             os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
             os.environ["MS_COMPILER_CACHE_PATH"] = self.root
+            graphs = len(ms_compile_cache)
             try:
                 out = self.fn(*args, **kwargs)  # compiles, or loads file n
             except BaseException:
@@ -104,11 +110,21 @@ class DiskCompiled:
                 raise
             finally:
                 os.environ.pop("MS_COMPILER_CACHE_ENABLE", None)
+            new_graphs = len(ms_compile_cache) - graphs
+            if new_graphs > 1:  # not one graph per call: the count can no longer be trusted
+                _process["failed"] = True
+            if new_graphs == 1:
                 _process["compiles"] += 1
-            if os.path.exists(saved):
-                manifest[str(n)] = key
-            else:
-                manifest.pop(str(n), None)
+                if os.path.exists(saved):
+                    manifest[str(n)] = key
+                else:
+                    manifest.pop(str(n), None)
+                if os.path.exists(aside):
+                    os.remove(aside)
+            elif os.path.exists(aside):
+                # no new graph: MindSpore had this one in memory (the same cell wrapped twice) and counted
+                # nothing, so file n still belongs to the next graph it compiles
+                os.replace(aside, saved)
             with open(manifest_path + ".tmp", "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1)
             os.replace(manifest_path + ".tmp", manifest_path)

@@ -28,9 +28,9 @@ class Scale(nn.Cell):
         return x * self.w * self.factor
 
 root, order = sys.argv[1], [int(f) for f in sys.argv[2].split(",")]
-out = {}
-for factor in order:
-    cell = Scale(factor)
+cells, out = {}, {}
+for factor in order:  # a factor given twice: the same cell wrapped again, which MindSpore does not compile again
+    cell = cells.setdefault(factor, Scale(factor))
     out[factor] = DiskCompiled(cell.construct, root, cell, ("scale", factor))(ms.Tensor(np.ones(3, np.float32))).asnumpy().tolist()
 print(json.dumps(out))
 """
@@ -71,11 +71,22 @@ def test_a_graph_never_loads_another_graphs_code_whatever_the_order(tmp_path):
     root = tmp_path / "cache"
     expected = {"2": [2.0] * 3, "3": [3.0] * 3}
     assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "2,3").splitlines()[-1]) == expected
-    # the other order: MindSpore alone would load the doubling graph for the tripling one (file 0)
+    # the other order: MindSpore alone would load file 0, the doubling graph, for the tripling one
     assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "3,2").splitlines()[-1]) == expected
     saved = _saved(root)
     # the same order again: both loaded, nothing compiled or written
     assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "3,2").splitlines()[-1]) == expected
+    assert _saved(root) == saved and len(saved) == 2
+
+
+def test_a_graph_compiled_once_for_two_wrappers_counts_once(tmp_path):
+    # MindSpore numbers its files by the graphs it really compiles: a second wrapper of the same cell compiles
+    # nothing, so the graph after it is still file 1, and a second run loads both
+    root = tmp_path / "cache"
+    expected = {"2": [2.0] * 3, "3": [3.0] * 3}
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "2,2,3").splitlines()[-1]) == expected
+    saved = _saved(root)
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "2,2,3").splitlines()[-1]) == expected
     assert _saved(root) == saved and len(saved) == 2
 
 
