@@ -68,6 +68,9 @@ def compile_cache_problem(path):
     """One line on why `path` cannot be a compile cache folder, or None."""
     if path is None:
         return None
+    from pipelines.compile_cache import ENV_CONFLICT, mindspores_own_cache_is_on
+    if mindspores_own_cache_is_on():
+        return f"--compile-cache: {ENV_CONFLICT}"
     if os.path.exists(path) and not os.path.isdir(path):
         return f"--compile-cache {path!r} is a file, not a folder"
     parent = os.path.abspath(path)

@@ -61,9 +61,24 @@ def _input_signature(args, kwargs):
     return repr(([one(a) for a in args], sorted((k, one(v)) for k, v in kwargs.items())))
 
 
+def _write_json(path, data):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def graph_folder(root):
     """Where MindSpore keeps the compiled files of `root` for this rank."""
     return os.path.join(root, f"rank_{os.environ.get('RANK_ID', '0')}", "graph_cache")
+
+
+ENV_CONFLICT = ("MindSpore's own compile cache is on (MS_COMPILER_CACHE_ENABLE=1 or set_context("
+                "enable_compile_cache=True)): it caches graphs by compile order, unchecked; turn it off to use the "
+                "compile cache folder")
+
+
+def mindspores_own_cache_is_on():
+    return os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1" or bool(ms.get_context("enable_compile_cache"))
 
 
 class DiskCompiled:
@@ -72,10 +87,16 @@ class DiskCompiled:
     graph: its name and the configuration its construct reads as Python constants."""
 
     def __init__(self, fn, root, cell, identity):
+        if mindspores_own_cache_is_on():  # graphs it caches outside ours would shift the count
+            raise ValueError(ENV_CONFLICT)
         self.fn = ms.jit(fn)
         self.root = os.path.abspath(root)
-        self.identity = repr((identity, cell_signature(cell), source_digest(), ms.__version__,
-                              ms.get_context("device_target")))
+        from models.layers import fast_paths  # cells read it when built: the fused kernels are other graphs
+        import mindone
+        import transformers
+        # mindone and transformers: the text encoders' code, outside this project's source digest
+        self.identity = repr((identity, cell_signature(cell), source_digest(), ms.__version__, mindone.__version__,
+                              transformers.__version__, ms.get_context("device_target"), fast_paths()))
         self.compiled = set()
 
     def __call__(self, *args, **kwargs):
@@ -88,9 +109,9 @@ class DiskCompiled:
         key = hashlib.sha256(repr((self.identity, signature)).encode()).hexdigest()
         folder = graph_folder(self.root)
         os.makedirs(folder, exist_ok=True)
-        n = _process["compiles"]
         with open(os.path.join(self.root, ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            n = _process["compiles"]
             manifest_path = os.path.join(folder, "manifest.json")
             manifest = {}
             if os.path.exists(manifest_path):
@@ -98,8 +119,16 @@ class DiskCompiled:
                     manifest = json.load(f)
             saved = os.path.join(folder, f"compile_cache_{n}.mindir")
             aside = saved + ".aside"
-            if manifest.get(str(n)) != key and os.path.exists(saved):
-                os.replace(saved, aside)  # another graph's code: MindSpore must not load it for this one
+            before = manifest.get(str(n))
+            if before != key:
+                # another graph's code (or none): MindSpore must not load it for this one, and until this call
+                # has saved its own, the manifest must not vouch for file n (a run killed after MindSpore's save
+                # would otherwise leave this graph's file under the other's entry)
+                if os.path.exists(saved):
+                    os.replace(saved, aside)
+                if before is not None:
+                    manifest.pop(str(n))
+                    _write_json(manifest_path, manifest)
             os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
             os.environ["MS_COMPILER_CACHE_PATH"] = self.root
             graphs = len(ms_compile_cache)
@@ -111,22 +140,28 @@ class DiskCompiled:
             finally:
                 os.environ.pop("MS_COMPILER_CACHE_ENABLE", None)
             new_graphs = len(ms_compile_cache) - graphs
-            if new_graphs > 1:  # not one graph per call: the count can no longer be trusted
-                _process["failed"] = True
             if new_graphs == 1:
                 _process["compiles"] += 1
                 if os.path.exists(saved):
                     manifest[str(n)] = key
-                else:
-                    manifest.pop(str(n), None)
                 if os.path.exists(aside):
                     os.remove(aside)
-            elif os.path.exists(aside):
-                # no new graph: MindSpore had this one in memory (the same cell wrapped twice) and counted
-                # nothing, so file n still belongs to the next graph it compiles
-                os.replace(aside, saved)
-            with open(manifest_path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=1)
-            os.replace(manifest_path + ".tmp", manifest_path)
+            elif new_graphs == 0:
+                # MindSpore had this graph in memory (the same cell wrapped twice) and counted nothing: file n
+                # still belongs to the graph it was saved for
+                if os.path.exists(aside):
+                    os.replace(aside, saved)
+                if before is not None:
+                    manifest[str(n)] = before
+            else:
+                # more than one graph in one call: MindSpore's count is no longer ours, and files n and after
+                # may hold anything; forget them and cache nothing more in this process
+                _process["failed"] = True
+                for name in os.listdir(folder):
+                    index = name[len("compile_cache_"):].split(".")[0]
+                    if name.startswith("compile_cache_") and index.isdigit() and int(index) >= n:
+                        os.remove(os.path.join(folder, name))
+                manifest = {i: k for i, k in manifest.items() if int(i) < n}
+            _write_json(manifest_path, manifest)
         self.compiled.add(signature)
         return out

@@ -157,3 +157,14 @@ def test_help_explains(capsys):
     text = capsys.readouterr().out
     for phrase in ("manifest", "--num-shards", "msrun", "shapes-heldout", "COCO", "--residual_diff_threshold"):
         assert phrase in text
+
+
+def test_compile_cache_beside_mindspores_own_is_refused(tiny_dev_checkpoint, tmp_path, monkeypatch, capsys):
+    # MindSpore's own cache would number graphs compiled outside ours and break the manifest's count
+    monkeypatch.setenv("MS_COMPILER_CACHE_ENABLE", "1")
+    out = tmp_path / "out"
+    assert generate.main(["--checkpoint", tiny_dev_checkpoint, "--prompt", "a", "--compile-cache",
+                          str(tmp_path / "cache"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --compile-cache: MindSpore's own compile cache is on") and "\n" not in err
+    assert not out.exists()

@@ -13,11 +13,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # graph mode compiles only code in a source file: the drivers are written to files
 TWO_GRAPHS = """
-import json, sys
+import json, os, sys
 import numpy as np
 import mindspore as ms
 from mindspore import nn
+import pipelines.compile_cache as compile_cache
 from pipelines.compile_cache import DiskCompiled
+
+if os.environ.get("KILL_AFTER_SAVE"):  # the process dies after MindSpore saved a graph, before the manifest says so
+    real_write, writes = compile_cache._write_json, []
+    def dying_write(path, data):
+        writes.append(path)
+        if len(writes) == 2:
+            os._exit(3)
+        real_write(path, data)
+    compile_cache._write_json = dying_write
 
 class Scale(nn.Cell):
     def __init__(self, factor):
@@ -50,14 +60,14 @@ np.savez(out, plain=plain, cached=cached)
 """
 
 
-def _run(tmp_path, source, *args):
+def _run(tmp_path, source, *args, returncode=0, **env_vars):
     driver = tmp_path / "driver.py"
     driver.write_text(source)
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, **env_vars)
     env.pop("MS_COMPILER_CACHE_ENABLE", None)
     done = subprocess.run([sys.executable, str(driver), *map(str, args)], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == returncode, done.stderr[-3000:]
     return done.stdout
 
 
@@ -77,6 +87,14 @@ def test_a_graph_never_loads_another_graphs_code_whatever_the_order(tmp_path):
     # the same order again: both loaded, nothing compiled or written
     assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "3,2").splitlines()[-1]) == expected
     assert _saved(root) == saved and len(saved) == 2
+
+
+def test_a_run_killed_after_the_save_leaves_no_entry_for_the_new_file(tmp_path):
+    root = tmp_path / "cache"
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "2").splitlines()[-1]) == {"2": [2.0] * 3}
+    # file 0 now holds the tripling graph, and the run dies before recording it
+    _run(tmp_path, TWO_GRAPHS, root, "3", returncode=3, KILL_AFTER_SAVE="1")
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "2").splitlines()[-1]) == {"2": [2.0] * 3}
 
 
 def test_a_graph_compiled_once_for_two_wrappers_counts_once(tmp_path):
