@@ -1,4 +1,5 @@
-"""Small helpers shared by models, pipelines and eval scripts: device and dtype handling, timing."""
+"""Small helpers shared by models, pipelines and eval scripts: device and dtype handling, timing, atomic writes."""
+import json
 import os
 import time
 
@@ -42,3 +43,24 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def write_text_atomic(path, text):
+    """Write to a temporary name, then rename: a killed run never leaves half a file (the pid keeps two writers of
+    one path apart)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, data, indent=1):
+    write_text_atomic(path, json.dumps(data, indent=indent))
+
+
+def writable_parent(path):
+    """The nearest existing folder at or above `path` if it is a writable folder (so `path` can be made), else None."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK) else None

@@ -43,7 +43,7 @@ import numpy as np
 from eval.cache_args import add_compile_cache_argument, compile_cache_problem
 from fbcache_ms.calibration import CALIBRATIONS, load_calibration
 from fbcache_ms.config import CacheConfig
-from utils import EMBEDDED_MODEL
+from utils import EMBEDDED_MODEL, write_json_atomic
 
 
 OWN_CALIBRATION = os.path.join(CALIBRATIONS, "trained-tiny-flux-shapes.json")  # python -m eval.calibrate_cache
@@ -319,9 +319,7 @@ def score(args, scenes, results):
             scores["clip_score"] = clip_score(r["images"], [s.caption for s in scenes], args.clip_model)[0]
             scores["clip_model"] = clip_model
         if scores != on_disk:
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(scores, f)
-            os.replace(path + ".tmp", path)
+            write_json_atomic(path, scores, indent=None)
         per_image = sum(r["denoise_s"]) / n
         patterns = r["patterns"]
         rows.append(dict(

@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from utils import write_text_atomic
+
 STACKS = ("graph", "pynative", "diffusers")
 METHODS = ("none", "fbcache", "taylorseer", "magcache")
 
@@ -312,16 +314,9 @@ def main(argv=None):
         if r["vs_ours"] is not None:
             print(f"final latents, {r['stack']} vs ours ({r['method']}): relative error {r['vs_ours']:.1e}")
     if args.markdown:
-        _write(args.markdown, f"{header}\n\n{table}\n")
+        write_text_atomic(args.markdown, f"{header}\n\n{table}\n")
     if args.json:
-        _write(args.json, json.dumps(dict(args=vars(args), header=header, **result), indent=2))
-
-
-def _write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        write_text_atomic(args.json, json.dumps(dict(args=vars(args), header=header, **result), indent=2))
 
 
 if __name__ == "__main__":

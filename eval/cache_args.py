@@ -73,9 +73,7 @@ def compile_cache_problem(path):
         return f"--compile-cache: {ENV_CONFLICT}"
     if os.path.exists(path) and not os.path.isdir(path):
         return f"--compile-cache {path!r} is a file, not a folder"
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"--compile-cache {path!r}: {parent} is not writable"
+    from utils import writable_parent
+    if writable_parent(path) is None:
+        return f"--compile-cache {path!r}: no writable folder to make it in"
     return None

@@ -34,7 +34,7 @@ import time
 from eval.cache_args import (add_cache_arguments, add_compile_cache_argument, cache_config_from_args,
                              compile_cache_problem)
 from eval.prompt_sources import MAX_SEED, PromptItem, PromptSourceError, check_source, load_prompts
-from utils import EMBEDDED_MODEL
+from utils import EMBEDDED_MODEL, writable_parent
 
 
 class UsageError(ValueError):
@@ -109,13 +109,6 @@ def _mindone_cache(args):
     args.threshold = args.residual_diff_threshold
 
 
-def _writable_parent(path):
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return parent if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK) else None
-
-
 def check_args(args):
     """Everything that can be checked without loading the model; returns (prompt items, cache, checkpoint info).
     Raises UsageError / PromptSourceError / CheckpointError / ValueError with a one-line reason."""
@@ -155,7 +148,7 @@ def check_args(args):
         raise UsageError("--num-shards needs --shard-index (or run under msrun)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} exists and is not a folder")
-    if not os.path.exists(args.out) and _writable_parent(args.out) is None:
+    if not os.path.exists(args.out) and writable_parent(args.out) is None:
         raise UsageError(f"--out {args.out!r}: cannot create it (its parent is not a writable folder)")
     if args.dtype == "bfloat16" and args.device != "Ascend":
         raise UsageError("--dtype bfloat16 needs --device Ascend (MindSpore has no CPU bfloat16 matmul)")

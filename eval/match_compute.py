@@ -16,13 +16,12 @@ sweeps (fraction of blocks run against threshold) and a JSON of the sweep points
 """
 import argparse
 import gc
-import json
 import os
 import sys
 
 import numpy as np
 
-from utils import EMBEDDED_MODEL
+from utils import EMBEDDED_MODEL, write_json_atomic
 
 SWEEPS = {  # name -> (CacheConfig arguments without threshold, thresholds)
     "fbcache": (dict(method="fbcache"), np.geomspace(0.02, 0.6, 9)),
@@ -177,9 +176,7 @@ def main(argv=None):
     stem = args.out[:-len(".json")]
     for path, data in ((args.out, settings), (stem + "_sweeps.json", points)):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, data)
     plot(points, args.fractions, stem + "_sweeps.png")
     print(f"wrote {args.out} ({len(settings)} settings), {stem}_sweeps.json and {stem}_sweeps.png")
     if missing:

@@ -18,7 +18,8 @@ import json
 
 import numpy as np
 
-from eval.profile_step import add_model_arguments, check_model_arguments, run_workers, write_json
+from eval.profile_step import add_model_arguments, check_model_arguments, run_workers
+from utils import write_json_atomic
 
 VARIANTS = ("full", "no-stability", "no-taylor", "no-bookkeeping")
 
@@ -105,7 +106,8 @@ def main(argv=None):
     for r in results:
         print(f"| {r['variant']} | {r['uncached_step_s']:.3f} | {r['afcache_step_s']:.3f} | {r['overhead']:+.1%} |")
     if args.json:
-        write_json(args.json, dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results))
+        write_json_atomic(args.json, dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results),
+                          indent=2)
 
 
 if __name__ == "__main__":

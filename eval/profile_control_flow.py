@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from utils import write_json_atomic
+
 VARIANTS = ("plain", "ifs", "ifs-reuse", "stores", "outer-if")
 
 
@@ -112,7 +114,7 @@ def main(argv=None):
     import mindspore as ms
     from tqdm import tqdm
     from eval.make_tiny_checkpoint import checkpoint_or_flux_proportioned
-    from eval.profile_step import inputs, write_json
+    from eval.profile_step import inputs
     from models.checkpoint import read_config
     from models.flux_transformer import load_flux_transformer
 
@@ -146,7 +148,7 @@ def main(argv=None):
           f"tokens, fp32, median of {args.repeats} alternating calls\n\n| variant | step s | vs plain | max abs diff |"
           "\n|---|---|---|---|\n" + "\n".join(rows))
     if args.json:
-        write_json(args.json, dict(args={k: v for k, v in vars(args).items()}, results=results))
+        write_json_atomic(args.json, dict(args=vars(args), results=results), indent=2)
 
 
 if __name__ == "__main__":

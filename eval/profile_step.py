@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from utils import write_json_atomic
+
 PARTS = {  # variant -> what is replaced in models.flux_transformer / models.layers
     "rope": "RoPE of q and k (apply_rope)",
     "qk-norm": "per-head RMSNorm of q and k",
@@ -57,13 +59,6 @@ def run_workers(module, variants, argv):
             raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-2000:]}")
         results.append(json.loads(lines[-1]))
     return results
-
-
-def write_json(path, data):
-    """Write to a temporary name, then rename: a killed run never leaves half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def parse_args(argv=None):
@@ -221,8 +216,8 @@ def main(argv=None):
     print(f"\n{args.checkpoint or 'FLUX-proportioned random model'}, {args.height}x{args.width}, {args.text_tokens} "
           f"text tokens, fp32, batch 1, jit_level {args.jit_level or 'default'}, {os.cpu_count()} cores\n\n{text}")
     if args.json:
-        write_json(args.json, dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results,
-                                   torch_step_s=torch_s))
+        write_json_atomic(args.json, dict(args={k: v for k, v in vars(args).items() if k != "worker"}, results=results,
+                                           torch_step_s=torch_s), indent=2)
 
 
 if __name__ == "__main__":

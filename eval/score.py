@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from utils import write_json_atomic
+
 SHAPES_GROUND_TRUTH = "shapes-ground-truth"
 
 
@@ -114,9 +116,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = os.path.join(args.run, "scores.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(scores, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, scores)
     print(json.dumps(scores, indent=1))
     return 0
 

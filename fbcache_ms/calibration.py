@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from utils import write_json_atomic
+
 CALIBRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibrations")
 FLUX_DEV = os.path.join(CALIBRATIONS, "flux1-dev.json")
 TEACACHE_DEGREE = 4
@@ -169,8 +171,5 @@ def fit_afcache_threshold(thresholds, decisions, cosines, target, tolerance):
 def save_calibration(path, data):
     """Write atomically (temporary name, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
     load_calibration.cache_clear()

@@ -25,6 +25,8 @@ import os
 import mindspore as ms
 from mindspore.graph.api import ms_compile_cache
 
+from utils import write_json_atomic
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SOURCES = ("models", "fbcache_ms", "pipelines", "utils.py")
 _source_digest = None
@@ -59,12 +61,6 @@ def _input_signature(args, kwargs):
     def one(a):
         return (tuple(a.shape), str(a.dtype)) if isinstance(a, ms.Tensor) else repr(a)
     return repr(([one(a) for a in args], sorted((k, one(v)) for k, v in kwargs.items())))
-
-
-def _write_json(path, data):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def graph_folder(root):
@@ -128,7 +124,7 @@ class DiskCompiled:
                     os.replace(saved, aside)
                 if before is not None:
                     manifest.pop(str(n))
-                    _write_json(manifest_path, manifest)
+                    write_json_atomic(manifest_path, manifest)
             os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
             os.environ["MS_COMPILER_CACHE_PATH"] = self.root
             graphs = len(ms_compile_cache)
@@ -162,6 +158,6 @@ class DiskCompiled:
                     if name.startswith("compile_cache_") and index.isdigit() and int(index) >= n:
                         os.remove(os.path.join(folder, name))
                 manifest = {i: k for i, k in manifest.items() if int(i) < n}
-            _write_json(manifest_path, manifest)
+            write_json_atomic(manifest_path, manifest)
         self.compiled.add(signature)
         return out

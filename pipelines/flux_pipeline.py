@@ -24,7 +24,7 @@ from models.checkpoint import CheckpointError
 from models.flux_transformer import load_flux_transformer
 from models.text_encoders import load_clip_text_encoder, load_t5_encoder
 from models.vae import load_vae, to_uint8_images
-from pipelines.compile_cache import DiskCompiled
+from pipelines.compile_cache import DiskCompiled, mindspores_own_cache_is_on
 from pipelines.scheduling import euler_step, flux_timesteps, load_scheduler
 from utils import resolve_dtype
 
@@ -161,10 +161,10 @@ class FluxPipeline:
                  dtype=ms.float32, mode="graph", compile_cache=None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
-        if compile_cache is None and os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1":
-            warnings.warn("MS_COMPILER_CACHE_ENABLE=1: MindSpore's compile cache loads graphs by their compile order "
-                          "and can give one graph another's compiled code; use compile_cache=DIR (--compile-cache) "
-                          "instead, which keeps each graph in a folder of its own")
+        if compile_cache is None and mindspores_own_cache_is_on():
+            warnings.warn("MindSpore's own compile cache is on: it loads graphs by their compile order and can give "
+                          "one graph another's compiled code; use compile_cache=DIR (--compile-cache) instead, which "
+                          "checks every file against a manifest of the graph it holds")
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler

@@ -21,13 +21,13 @@ import pipelines.compile_cache as compile_cache
 from pipelines.compile_cache import DiskCompiled
 
 if os.environ.get("KILL_AFTER_SAVE"):  # the process dies after MindSpore saved a graph, before the manifest says so
-    real_write, writes = compile_cache._write_json, []
+    real_write, writes = compile_cache.write_json_atomic, []
     def dying_write(path, data):
         writes.append(path)
         if len(writes) == 2:
             os._exit(3)
         real_write(path, data)
-    compile_cache._write_json = dying_write
+    compile_cache.write_json_atomic = dying_write
 
 class Scale(nn.Cell):
     def __init__(self, factor):
