@@ -177,6 +177,11 @@ class DoubleStreamBlock(nn.Cell):
         """12 vectors [B, dim]: image stream's (shift, scale, gate) x (attn, mlp), then the text stream's."""
         return tuple(self.norm1(temb)) + tuple(self.norm1_context(temb))
 
+    def image_gates(self, temb):
+        """The image stream's attention and MLP gates: all of the modulation a forecast step uses."""
+        mods = self.norm1(temb)
+        return mods[2], mods[5]
+
     def attention_outputs(self, h, e, mods, cos, sin):
         return self.attn(modulated_layer_norm(h, mods[0], mods[1], 1e-6),
                          modulated_layer_norm(e, mods[6], mods[7], 1e-6), cos, sin)
@@ -214,6 +219,9 @@ class SingleStreamBlock(nn.Cell):
 
     def modulation(self, temb):
         return tuple(self.norm(temb))  # shift, scale, gate
+
+    def gate(self, temb):
+        return self.norm(temb)[2]
 
     def block_output(self, x, mods, cos, sin):
         """proj_out([attention, MLP]) before the gate: what per-module caches keep."""

@@ -183,6 +183,16 @@ def test_taylorseer_matches_reference(torch_dev_pipeline, dev_pipeline, order, v
     assert rel_err(ours, expected) < 1e-4
 
 
+
+def test_per_module_taylorseer_keeps_image_tokens_only(dev_pipeline):
+    """On a forecast step the text stream's forecasts reach no output (the test above shows the same result as the
+    reference, which forecasts them): only the image stream's module outputs are held."""
+    policy = dev_pipeline.cache_policy(CacheConfig("taylorseer", order=2), "cond", 1, 16, 8)[0]
+    cfg = dev_pipeline.transformer.config
+    features = [tuple(p.shape) for n, p in policy.parameters_and_names()
+                if not n.startswith("transformer.") and p.ndim == 3]
+    assert features == [(1, 16, cfg.dim)] * (3 * (2 * cfg.num_layers + cfg.num_single_layers))
+
 def test_fbcache_taylorseer_matches_reference(torch_dev_pipeline, dev_pipeline):
     latents = _latents(seed=2)
     expected, ref_pattern = reference_run(torch_dev_pipeline, latents, "a cat", method="fbcache_taylorseer",
