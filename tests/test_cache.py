@@ -183,7 +183,6 @@ def test_taylorseer_matches_reference(torch_dev_pipeline, dev_pipeline, order, v
     assert rel_err(ours, expected) < 1e-4
 
 
-
 def test_per_module_taylorseer_keeps_image_tokens_only(dev_pipeline):
     """On a forecast step the text stream's forecasts reach no output (the test above shows the same result as the
     reference, which forecasts them): only the image stream's module outputs are held."""
@@ -192,6 +191,7 @@ def test_per_module_taylorseer_keeps_image_tokens_only(dev_pipeline):
     features = [tuple(p.shape) for n, p in policy.parameters_and_names()
                 if not n.startswith("transformer.") and p.ndim == 3]
     assert features == [(1, 16, cfg.dim)] * (3 * (2 * cfg.num_layers + cfg.num_single_layers))
+
 
 def test_fbcache_taylorseer_matches_reference(torch_dev_pipeline, dev_pipeline):
     latents = _latents(seed=2)
