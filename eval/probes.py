@@ -27,7 +27,7 @@ def read_signals(t, h, e, temb, cos, sin):
     block0 = t.transformer_blocks[0]
     mods = block0.modulation(temb)
     modulated = modulated_layer_norm(h, mods[0], mods[1], 1e-6)
-    h0, e0 = block0(h, e, temb, cos, sin)
+    h0, e0 = block0(h, e, temb, cos, sin)[:2]
     h_out, _ = t.run_blocks(h0, e0, temb, cos, sin, 1)
     return t.head(h_out, temb), modulated, h0 - h, h_out - h
 
@@ -37,13 +37,13 @@ def read_block_residuals(t, h, e, temb, cos, sin):
     image streams side by side)."""
     residuals = []
     for block in t.transformer_blocks:
-        h_new, e_new = block(h, e, temb, cos, sin)
+        h_new, e_new = block(h, e, temb, cos, sin)[:2]
         residuals.append(ops.cat([e_new - e, h_new - h], axis=1))
         h, e = h_new, e_new
     txt_len = e.shape[1]
     x = ops.cat([e, h], axis=1)
     for block in t.single_transformer_blocks:
-        x_new = block(x, temb, cos, sin)
+        x_new = block(x, temb, cos, sin)[0]
         residuals.append(x_new - x)
         x = x_new
     return t.head(x[:, txt_len:], temb), ops.stack(residuals)

@@ -66,11 +66,11 @@ def build(model, variant):
             for block in self.t.transformer_blocks:
                 if per_block_if:
                     if run[b]:
-                        h, e = block(h, e, temb, cos, sin)
+                        h, e = block(h, e, temb, cos, sin)[:2]
                     elif variant != "ifs":
                         h, e = h + self.res_h[b], e + self.res_e[b]
                 else:
-                    h_new, e_new = block(h, e, temb, cos, sin)
+                    h_new, e_new = block(h, e, temb, cos, sin)[:2]
                     if store:
                         ops.assign(self.res_h[b], h_new - h)
                         ops.assign(self.res_e[b], e_new - e)
@@ -81,11 +81,11 @@ def build(model, variant):
             for block in self.t.single_transformer_blocks:
                 if per_block_if:
                     if run[b]:
-                        x = block(x, temb, cos, sin)
+                        x = block(x, temb, cos, sin)[0]
                     elif variant != "ifs":
                         x = x + self.res_x[b - n_double]
                 else:
-                    x_new = block(x, temb, cos, sin)
+                    x_new = block(x, temb, cos, sin)[0]
                     if store:
                         ops.assign(self.res_x[b - n_double], x_new - x)
                     x = x_new

@@ -142,7 +142,7 @@ class AFCache(CachePolicy):
         b = 0
         for block, state_h, state_e in zip(t.transformer_blocks, self.res_h, self.res_e):
             if run[b]:
-                h_new, e_new = block(h, e, temb, cos, sin)
+                h_new, e_new = block(h, e, temb, cos, sin)[:2]
                 r_h, r_e = h_new - h, e_new - e
                 w_b = [w[b] for w in weights]
                 gram = self._gram((r_h, r_e), (state_h, state_e), w_b)
@@ -161,7 +161,7 @@ class AFCache(CachePolicy):
         x = ops.cat([e, h], axis=1)
         for block, state_x in zip(t.single_transformer_blocks, self.res_x):
             if run[b]:
-                x_new = block(x, temb, cos, sin)
+                x_new = block(x, temb, cos, sin)[0]
                 r_x = x_new - x
                 gram = self._gram((r_x,), (state_x,), [w[b] for w in weights])
                 state_x.update(r_x, [s[b] for s in scales])

@@ -42,19 +42,14 @@ class TaylorSeer(CachePolicy):
         """The block stack, every image-stream module's pre-gate output kept for the forecasts."""
         t, coef = self.transformer, self.clock.update_scales(step)
         for block, s_attn, s_ff in zip(t.transformer_blocks, self.attn, self.ff):
-            mods = block.modulation(temb)
-            attn_h, attn_e = block.attention_outputs(h, e, mods, cos, sin)
-            h, e = block.add_gated(h, e, s_attn.update(attn_h, coef), attn_e, mods[2], mods[8])
-            ff_h, ff_e = block.mlp_outputs(h, e, mods)
-            h, e = block.add_gated(h, e, s_ff.update(ff_h, coef), ff_e, mods[5], mods[11])
-            e = block.clip(e)
+            h, e, attn_h, ff_h = block(h, e, temb, cos, sin)
+            s_attn.update(attn_h, coef)
+            s_ff.update(ff_h, coef)
         txt_len = e.shape[1]
         x = ops.cat([e, h], axis=1)
         for block, state in zip(t.single_transformer_blocks, self.single):
-            mods = block.modulation(temb)
-            out = block.block_output(x, mods, cos, sin)
+            x, out = block(x, temb, cos, sin)
             state.update(out[:, txt_len:], coef)
-            x = block.add_gated(x, out, mods[2])
         self.clock.advance(step)
         return x[:, txt_len:]
 

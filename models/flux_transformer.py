@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import lazy_inline, nn, ops
 from mindspore.nn.utils import no_init_parameters
 
 from models.checkpoint import CheckpointError, StateDict, load_weights, read_config
@@ -159,11 +159,21 @@ class DoubleStreamAttention(SingleStreamAttention):
         return self.to_out[0](out[:, txt_len:]), self.to_add_out(out[:, :txt_len])
 
 
+def reused_graph(init):
+    """A block class's graph is parsed, type-inferred and optimised once for all its blocks, then inlined into
+    every call site (MindSpore's lazy_inline, "front" policy), instead of once per block: FLUX's 57 unrolled
+    blocks made that most of the compile time. Blocks share the graph only when their `graph_key` (everything
+    of the block that is a compile-time constant besides its Parameters) is equal."""
+    return lazy_inline(init, attrs="graph_key", policy="front")
+
+
 class DoubleStreamBlock(nn.Cell):
     """MM-DiT block: text and image tokens keep separate weights and meet in joint attention."""
 
+    @reused_graph
     def __init__(self, dim, heads, head_dim, dtype):
         super().__init__()
+        self.graph_key = (dim, heads, head_dim, str(dtype), fast_paths())
         self.norm1 = AdaNorm(dim, 6, dtype)
         self.norm1_context = AdaNorm(dim, 6, dtype)
         self.attn = DoubleStreamAttention(dim, heads, head_dim, dtype)
@@ -197,19 +207,23 @@ class DoubleStreamBlock(nn.Cell):
         return ops.clamp(e, -65504.0, 65504.0) if self.clip_fp16 else e  # as diffusers, for fp16 only
 
     def construct(self, h, e, temb, cos, sin):
+        """-> (h, e, the image stream's pre-gate attention and MLP outputs). Per-module caches keep the last
+        two; a caller that drops them pays nothing in graph mode (unused outputs of an inlined block are pruned)."""
         mods = self.modulation(temb)
         attn_h, attn_e = self.attention_outputs(h, e, mods, cos, sin)
         h, e = self.add_gated(h, e, attn_h, attn_e, mods[2], mods[8])
         ff_h, ff_e = self.mlp_outputs(h, e, mods)
         h, e = self.add_gated(h, e, ff_h, ff_e, mods[5], mods[11])
-        return h, self.clip(e)
+        return h, self.clip(e), attn_h, ff_h
 
 
 class SingleStreamBlock(nn.Cell):
     """Parallel attention + MLP over the concatenated [text; image] sequence."""
 
+    @reused_graph
     def __init__(self, dim, heads, head_dim, dtype):
         super().__init__()
+        self.graph_key = (dim, heads, head_dim, str(dtype), fast_paths())
         self.norm = AdaNorm(dim, 3, dtype)
         self.proj_mlp = linear(dim, 4 * dim, dtype)
         self.proj_out = linear(5 * dim, dim, dtype)
@@ -236,8 +250,10 @@ class SingleStreamBlock(nn.Cell):
         return x
 
     def construct(self, x, temb, cos, sin):
+        """-> (x, the pre-gate output proj_out(...)), which per-module caches keep."""
         mods = self.modulation(temb)
-        return self.add_gated(x, self.block_output(x, mods, cos, sin), mods[2])
+        out = self.block_output(x, mods, cos, sin)
+        return self.add_gated(x, out, mods[2]), out
 
 
 class FinalLayer(nn.Cell):
@@ -288,12 +304,12 @@ class FluxTransformer(nn.Cell):
         stop = self.num_blocks if stop is None else stop
         # indexed, not sliced: a sliced CellList re-registers its parameters under graph mode
         for i in range(start, min(stop, n_double)):
-            h, e = self.transformer_blocks[i](h, e, temb, cos, sin)
+            h, e = self.transformer_blocks[i](h, e, temb, cos, sin)[:2]
         if stop > n_double and stop > start:
             txt_len = e.shape[1]
             x = ops.cat([e, h], axis=1)
             for i in range(max(start, n_double) - n_double, stop - n_double):
-                x = self.single_transformer_blocks[i](x, temb, cos, sin)
+                x = self.single_transformer_blocks[i](x, temb, cos, sin)[0]
             h, e = x[:, txt_len:], x[:, :txt_len]
         return h, e
 

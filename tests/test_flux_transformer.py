@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from models.checkpoint import CheckpointError
-from models.flux_transformer import load_flux_transformer
+from models.flux_transformer import load_flux_transformer, reused_graph
 from parity import rel_err
 
 CONFIGS = {
@@ -83,6 +83,38 @@ def test_graph_mode_matches_pynative_and_diffusers(tmp_path):
     graph, _ = _run_both(ref, model, inputs, jit=True)
     assert rel_err(graph, expected) < 1e-4
     assert rel_err(graph, eager.asnumpy()) < 1e-5
+
+
+class _Scaled(ms.nn.Cell):
+    @reused_graph
+    def __init__(self, factor, key):
+        super().__init__()
+        self.factor = factor  # a compile-time constant, as a block's head count or fp16 clamp is
+        self.weight = ms.Parameter(ms.Tensor(np.ones(3, np.float32)), name="weight")
+        self.graph_key = key
+
+    def construct(self, x):
+        return x * self.weight * self.factor
+
+
+class _Pair(ms.nn.Cell):
+    def __init__(self, key_a, key_b):
+        super().__init__()
+        self.a, self.b = _Scaled(2.0, key_a), _Scaled(3.0, key_b)
+
+    def construct(self, x):
+        return self.a(x), self.b(x)
+
+
+def test_reused_graph_is_shared_only_between_equal_graph_keys():
+    """Cells of one class in one graph share one compiled graph (lazy_inline) when their graph_key is equal:
+    a constant left out of the key is silently taken from the first cell compiled, so the blocks' keys must
+    hold every compile-time constant (shape, dtype, fast paths)."""
+    x = ms.Tensor(np.ones(3, np.float32))
+    apart = ms.jit(_Pair((2.0,), (3.0,)).construct)(x)
+    assert [float(o.asnumpy()[0]) for o in apart] == [2.0, 3.0]
+    shared = ms.jit(_Pair((), ()).construct)(x)  # what a key missing the constant gives
+    assert [float(o.asnumpy()[0]) for o in shared] == [2.0, 2.0]
 
 
 @pytest.mark.parametrize("name,changes", [("dev", True), ("schnell", False)])
