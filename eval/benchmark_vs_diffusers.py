@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from eval.profile_step import comma_choices
 from utils import write_text_atomic
 
 STACKS = ("graph", "pynative", "diffusers")
@@ -54,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("--markdown", help="write the table to this markdown file")
     args = p.parse_args(argv)
-    args.stacks = _choices(args.stacks, STACKS, "--stacks")
-    args.methods = _choices(args.methods, METHODS, "--methods")
+    args.stacks = comma_choices(p, args.stacks, STACKS, "--stacks")
+    args.methods = comma_choices(p, args.methods, METHODS, "--methods")
     for name in ("steps", "rounds", "interval", "threads", "height", "width", "text_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -68,14 +69,6 @@ def parse_args(argv=None):
     if "none" not in args.methods:
         args.methods.insert(0, "none")  # every speedup is relative to it
     return args
-
-
-def _choices(text, allowed, flag):
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        raise SystemExit(f"error: {flag}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}")
-    return items
 
 
 class Ours:

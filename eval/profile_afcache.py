@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from eval.profile_step import add_model_arguments, check_model_arguments, run_workers
+from eval.profile_step import add_model_arguments, check_model_arguments, comma_choices, run_workers
 from utils import write_json_atomic
 
 VARIANTS = ("full", "no-stability", "no-taylor", "no-bookkeeping")
@@ -33,10 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one variant in this process
     args = p.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad or not args.variants:
-        p.error(f"--variants: unknown {bad or 'empty list'}; choose from {', '.join(VARIANTS)}")
+    args.variants = comma_choices(p, args.variants, VARIANTS, "--variants")
     check_model_arguments(p, args, steps=args.steps, rounds=args.rounds)
     return args
 

@@ -24,7 +24,7 @@ VARIANTS = ("plain", "ifs", "ifs-reuse", "stores", "outer-if")
 
 
 def parse_args(argv=None):
-    from eval.profile_step import add_model_arguments, check_model_arguments
+    from eval.profile_step import add_model_arguments, check_model_arguments, comma_choices
     p = argparse.ArgumentParser(prog="python -m eval.profile_control_flow", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
@@ -32,10 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--json", help="write the figures to this JSON file")
     args = p.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad or not args.variants:
-        p.error(f"--variants: unknown {bad or 'none given'}; choose from {', '.join(VARIANTS)}")
+    args.variants = comma_choices(p, args.variants, VARIANTS, "--variants")
     if args.variants[0] != "plain":
         args.variants = ["plain"] + [v for v in args.variants if v != "plain"]  # the baseline is always timed
     check_model_arguments(p, args, repeats=args.repeats)

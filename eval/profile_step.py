@@ -47,6 +47,15 @@ def check_model_arguments(p, args, **counts):
         p.error(f"--checkpoint {args.checkpoint!r} has no transformer/ folder")
 
 
+def comma_choices(p, text, allowed, flag):
+    """The items of a comma-separated option, each one of `allowed`; else exit with one line naming the bad ones."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        p.error(f"{flag}: {'unknown ' + ', '.join(bad) if bad else 'nothing given'}; choose from {', '.join(allowed)}")
+    return items
+
+
 def run_workers(module, variants, argv):
     """Each variant timed by `python -m module --worker VARIANT *argv` in its own process -> its JSON lines."""
     from tqdm.auto import tqdm
@@ -73,11 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one variant in this process
     args = p.parse_args(argv)
-    known = {"full", "linear-only", *PARTS}
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in known]
-    if bad or not args.variants:
-        p.error(f"--variants: unknown {bad or 'empty list'}; choose from full, {', '.join(PARTS)}, linear-only")
+    args.variants = comma_choices(p, args.variants, ["full", *PARTS, "linear-only"], "--variants")
     check_model_arguments(p, args, repeats=args.repeats)
     return args
 

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from eval import benchmark_vs_diffusers, profile_afcache, profile_control_flow, profile_step
+from eval import (benchmark_vs_diffusers, compile_time, profile_afcache, profile_cache_steps, profile_control_flow,
+                  profile_step)
 
 
 def test_side_by_side_runs_both_stacks_on_the_same_noise_and_counts_the_work(tiny_dev_checkpoint, tmp_path):
@@ -89,3 +90,65 @@ def test_control_flow_profile_bad_variant(capsys):
     with pytest.raises(SystemExit):
         profile_control_flow.parse_args(["--variants", "ifs,select"])
     assert "select" in capsys.readouterr().err
+
+
+def test_compile_time_times_each_method_in_its_own_process(tiny_dev_checkpoint, tmp_path):
+    out, table = tmp_path / "compile.json", tmp_path / "compile.md"
+    compile_time.main(["--checkpoint", tiny_dev_checkpoint, "--height", "64", "--width", "64", "--text-tokens", "16",
+                       "--steps", "2", "--methods", "none,taylorseer", "--json", str(out), "--markdown", str(table)])
+    results = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in results] == ["none", "taylorseer"]
+    for r in results:
+        assert len(r["steps_s"]) == 2 and r["compile_s"] == r["first_step_s"] - r["later_step_s"]
+    assert "| none |" in table.read_text() and "| taylorseer |" in table.read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "none,deepcache"], "deepcache"),
+    (["--steps", "1"], "--steps must be at least 2"),
+    (["--checkpoint", "/nonexistent"], "has no transformer/ folder"),
+])
+def test_compile_time_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        compile_time.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_cache_step_profile_replays_the_pipelines_run(tiny_dev_checkpoint, tmp_path):
+    """The replay is the pipeline's run (same final latents as a pipeline call with the same noise), every replay
+    takes the recorded decisions, and the ideal speedup counts the blocks the method ran."""
+    from fbcache_ms.config import CacheConfig
+    from pipelines.flux_pipeline import FluxPipeline, pack_latents
+    out = tmp_path / "steps.json"
+    results = profile_cache_steps.main(["--checkpoint", tiny_dev_checkpoint, "--height", "64", "--width", "64",
+                                        "--text-tokens", "16", "--steps", "8", "--rounds", "2",
+                                        "--methods", "fbcache,taylorseer", "--json", str(out)])
+    by = {r["method"]: r for r in results}
+    pipe = FluxPipeline.from_pretrained(tiny_dev_checkpoint)
+    grid = 64 // pipe.vae_scale_factor
+    noise = pack_latents(np.random.default_rng(0).standard_normal(
+        (1, pipe.transformer.config.in_channels // 4, grid, grid), np.float32))  # the profile's noise
+    for method, r in by.items():
+        assert r["method_step_s"] and len(r["method_step_s"]) == len(r["uncached_step_s"]) == 8
+        ran = pipe(profile_cache_steps.PROMPT, height=64, width=64, num_inference_steps=8, max_sequence_length=16,
+                   latents=noise, output_type="latent", progress=False,
+                   cache=CacheConfig(method, threshold=r["threshold"]))
+        assert np.abs(ran.images - r["final_latents"]).max() < 1e-6, method
+        assert r["pattern"] == ran.cache_stats.pattern()
+        full = pipe.transformer.num_blocks
+        assert r["ideal"] == pytest.approx(8 * full / sum(r["blocks_run"]))
+        assert r["ideal"] > 1 and r["efficiency"] == pytest.approx(r["measured"] / r["ideal"])
+    assert by["taylorseer"]["pattern"] == "CCCC...."
+    assert "." in by["fbcache"]["pattern"]
+    assert json.loads(out.read_text())["results"][0]["method"] == "fbcache"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "none"], "none"),
+    (["--fbcache-threshold", "1.5"], "--fbcache-threshold must be in [0, 1]"),
+    (["--rounds", "0"], "at least 1"),
+])
+def test_cache_step_profile_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        profile_cache_steps.parse_args(argv)
+    assert message in capsys.readouterr().err
