@@ -186,10 +186,10 @@ def work_pattern(per_step, full_step):
     return "".join("C" if f >= 0.99 * full_step else "." if f < 0.05 * full_step else "~" for f in per_step)
 
 
-def fbcache_threshold_from_model(ours, args, noise):
-    """40th percentile of the model's block-0 relative changes in an uncached (threshold 0) run."""
+def fbcache_threshold_from_model(pipe, args, noise):
+    """40th percentile of the model's block-0 relative changes in an uncached (threshold 0) run of our pipeline."""
     from fbcache_ms.config import CacheConfig
-    out = ours.pipe(prompt=PROMPT, height=args.height, width=args.width, num_inference_steps=args.steps,
+    out = pipe(prompt=PROMPT, height=args.height, width=args.width, num_inference_steps=args.steps,
                     max_sequence_length=args.text_tokens, latents=noise, output_type="latent", progress=False,
                     cache=CacheConfig("fbcache", threshold=0.0))
     changes = [c for c in out.cache_stats.changes["cond"] if c is not None]
@@ -212,7 +212,7 @@ def benchmark(args, checkpoint):
     noise = initial_noise(ours.pipe, args)
     threshold = args.fbcache_threshold
     if threshold is None and "fbcache" in args.methods:
-        threshold = fbcache_threshold_from_model(ours, args, noise)
+        threshold = fbcache_threshold_from_model(ours.pipe, args, noise)
     runs = [(s, m) for s in args.stacks for m in args.methods
             if (s != "pynative" or m == "none") and (s != "diffusers" or m != "magcache")]
 

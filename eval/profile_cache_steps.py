@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 
+from eval.benchmark_vs_diffusers import PROMPT, fbcache_threshold_from_model, initial_noise
 from eval.profile_step import add_model_arguments, check_model_arguments, comma_choices
 from fbcache_ms.config import METHODS
 from utils import write_json_atomic, write_text_atomic
 
-PROMPT = "a small red circle in the top left corner"
 CACHED = [m for m in METHODS if m != "none"]
 
 
@@ -52,15 +52,14 @@ class Replay:
 
     def __init__(self, pipe, args):
         import mindspore as ms
-        from pipelines.flux_pipeline import latent_image_ids, pack_latents
+        from pipelines.flux_pipeline import latent_image_ids
         from pipelines.scheduling import flux_timesteps
         self.pipe, self.args = pipe, args
         self.embeds, self.pooled = pipe.encode_prompt([PROMPT], 1, args.text_tokens)
         multiple = 2 * pipe.vae_scale_factor
         grid_h, grid_w = 2 * (args.height // multiple), 2 * (args.width // multiple)
         self.grid = (grid_h // 2, grid_w // 2)
-        channels = pipe.transformer.config.in_channels // 4
-        self.noise = pack_latents(np.random.default_rng(0).standard_normal((1, channels, grid_h, grid_w), np.float32))
+        self.noise = initial_noise(pipe, args)  # the side-by-side benchmark's
         self.tokens = self.noise.shape[1]
         self.img_ids = ms.Tensor(latent_image_ids(grid_h, grid_w))
         self.txt_ids = ms.Tensor(np.zeros((args.text_tokens, 3), np.float32))
@@ -131,13 +130,6 @@ def profile_method(replay, cache, rounds):
                 efficiency=measured / ideal, final_latents=final)
 
 
-def fbcache_threshold_from_model(replay):
-    """40th percentile of the model's block-0 relative changes in a never-reusing FBCache run."""
-    from fbcache_ms.config import CacheConfig
-    stats = replay.record(CacheConfig("fbcache", threshold=0.0))[2]
-    return round(float(np.percentile([c for c in stats.changes["cond"] if c is not None], 40)), 4)
-
-
 def run(args, checkpoint):
     from tqdm.auto import tqdm
     from fbcache_ms.config import CacheConfig
@@ -148,7 +140,7 @@ def run(args, checkpoint):
         kwargs = {}
         if method == "fbcache":
             kwargs["threshold"] = (args.fbcache_threshold if args.fbcache_threshold is not None
-                                   else fbcache_threshold_from_model(replay))
+                                   else fbcache_threshold_from_model(replay.pipe, args, replay.noise))
         results.append(profile_method(replay, CacheConfig(method, **kwargs), args.rounds))
     return results
 

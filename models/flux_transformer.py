@@ -181,8 +181,8 @@ class DoubleStreamBlock(nn.Cell):
         self.ff_context = FeedForward(dim, dtype)
         self.clip_fp16 = dtype == ms.float16
 
-    # The block in four steps, so that per-module caches (TaylorSeer) can reuse the pre-gate outputs
-    # of attention and MLP while re-applying the current step's gates.
+    # The block in four steps; construct also returns the image stream's pre-gate attention and MLP outputs,
+    # which per-module caches (TaylorSeer) keep and later re-gate with image_gates.
     def modulation(self, temb):
         """12 vectors [B, dim]: image stream's (shift, scale, gate) x (attn, mlp), then the text stream's."""
         return tuple(self.norm1(temb)) + tuple(self.norm1_context(temb))
