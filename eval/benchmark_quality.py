@@ -63,6 +63,10 @@ SETTINGS = {  # name -> CacheConfig arguments; "none" (uncached) is the referenc
     **{f"teacache-own-{t}": dict(method="teacache", threshold=t, calibration=OWN_CALIBRATION)
        for t in (0.25, 0.4, 0.6, 0.8)},
     **{f"fbcache-0.08-fourier-{r}": dict(method="fbcache", threshold=0.08, fourier_ratio=r) for r in (0.25, 0.5, 0.75)},
+    **{f"taylorseer-n5-o{o}-residual": dict(method="taylorseer", order=o, interval=5, warmup=3, variant="residual")
+       for o in (0, 2)},  # o0: FORA on the stack's residual
+    **{f"freqca-n5-o2-{r}": dict(method="freqca", order=2, interval=5, warmup=3, low_band=r) for r in (0.25, 0.5, 0.75)},
+    "freqca-n5-o1-0.5": dict(method="freqca", order=1, interval=5, warmup=3, low_band=0.5),
     "taylorseer-n5-o1-residual-fourier-0.5": dict(method="taylorseer", order=1, interval=5, warmup=3,
                                                   variant="residual", fourier_ratio=0.5),
     "fastcache-0.05-m0.5": dict(method="fastcache", threshold=0.05, alpha=0.05, motion_ratio=0.5),

@@ -17,11 +17,12 @@ def add_cache_arguments(parser):
                    help="FBCache (DBCache): the first N blocks always run and give the signal (default 1)")
     g.add_argument("--bn", type=int, default=0,
                    help="FBCache (DBCache): the last N blocks still run on a reused step (default 0)")
-    g.add_argument("--order", type=int, default=1, help="TaylorSeer: forecast order 0..4; AFCache: highest Taylor order of its predictors, "
-                                                         "0..2 (default 1)")
+    g.add_argument("--order", type=int, default=None,
+                   help="TaylorSeer / FreqCa: forecast order 0..4 (default 1; FreqCa 2); AFCache: highest Taylor order "
+                        "of its predictors, 0..2 (default 1)")
     g.add_argument("--interval", type=int, default=5,
-                   help="TaylorSeer / AFCache: one full step every N steps after the warm-up (default 5)")
-    g.add_argument("--warmup", type=int, default=3, help="TaylorSeer / AFCache: full steps at the start (default 3)")
+                   help="TaylorSeer / FreqCa / AFCache: one full step every N steps after the warm-up (default 5)")
+    g.add_argument("--warmup", type=int, default=3, help="TaylorSeer / FreqCa / AFCache: full steps at the start (default 3)")
     g.add_argument("--taylor-variant", default=None, choices=TAYLOR_VARIANTS,
                    help="TaylorSeer: per_module (default for taylorseer) or residual (memory-light; the only "
                         "choice for fbcache_taylorseer)")
@@ -43,6 +44,9 @@ def add_cache_arguments(parser):
     g.add_argument("--budget", type=float, default=None,
                    help="AFCache: fraction of an uncached run's blocks to run, spent on the least stable blocks "
                         "(default: threshold mode, a block runs while its stability is below --threshold)")
+    g.add_argument("--low-band", type=float, default=None,
+                   help="FreqCa: the low-frequency block of the stack's residual that is reused as stored, this "
+                        "fraction of each token-grid axis' frequencies (default 0.5; the rest is forecast)")
     return g
 
 
@@ -52,7 +56,7 @@ def cache_config_from_args(args):
                        warmup=args.warmup, variant=args.taylor_variant, fn=args.fn, bn=args.bn,
                        calibration=args.calibration, max_skip=args.max_skip, retention=args.retention,
                        fourier_ratio=args.fourier_ratio, alpha=args.alpha, motion_ratio=args.motion_ratio,
-                       budget=args.budget)
+                       budget=args.budget, low_band=args.low_band)
 
 
 COMPILE_CACHE_HELP = ("keep the compiled graphs in this folder and load them on later runs that compile the same "

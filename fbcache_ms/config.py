@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass
 
 from fbcache_ms import calibration as calib
 
-METHODS = ("none", "fbcache", "taylorseer", "fbcache_taylorseer", "teacache", "magcache", "fastcache", "afcache")
+METHODS = ("none", "fbcache", "taylorseer", "fbcache_taylorseer", "teacache", "magcache", "fastcache", "afcache",
+           "freqca")
 TAYLOR_VARIANTS = ("per_module", "residual")
 MAX_ORDER = 4
 # FLUX.1-dev defaults of each method's own signal (they mean different things: see each method's file)
@@ -16,15 +17,16 @@ DEFAULT_THRESHOLDS = {"fbcache": 0.08, "fbcache_taylorseer": 0.08, "teacache": 0
 @dataclass(frozen=True)
 class CacheConfig:
     """
-    method:      none | fbcache | taylorseer | fbcache_taylorseer | teacache | magcache | fastcache
+    method:      none | fbcache | taylorseer | fbcache_taylorseer | teacache | magcache | fastcache | afcache |
+                 freqca
     threshold:   the method's skip threshold (default: its FLUX.1-dev default, DEFAULT_THRESHOLDS).
                  FBCache: relative-L1 change of the first blocks' residual, in [0, 1] (0 never reuses);
                  TeaCache: accumulated rescaled input change; MagCache: accumulated magnitude error
     FBCache family (fbcache, fbcache_taylorseer), cache-dit's DBCache generalisation:
       fn:        the first `fn` blocks always run and give the signal (1 = FBCache)
       bn:        the last `bn` blocks also run on a reused step, on top of the reused residual (0 = FBCache)
-    TaylorSeer (taylorseer, and fbcache_taylorseer's forecast):
-      order:     forecast order O (0 = plain reuse, FORA; 1 = the published default)
+    TaylorSeer (taylorseer, and fbcache_taylorseer's forecast) and FreqCa (its schedule):
+      order:     forecast order O (0 = plain reuse, FORA; default 1, FreqCa 2: the published ones)
       interval:  one full step every `interval` steps after the warm-up
       warmup:    the first `warmup` steps always compute
       variant:   per_module (attention/MLP outputs of every block: best quality, most memory; the default
@@ -49,10 +51,13 @@ class CacheConfig:
     Fourier storage (fbcache, fbcache_taylorseer, taylorseer's residual variant):
       fourier_ratio: the cached image residual is kept as the low-frequency block of its 2-D FFT over the
                  token grid, |u|, v <= ratio x (grid / 2) (fourier.py); 1 stores it uncompressed
+    FreqCa (freqca.py): the stack's image residual on TaylorSeer's schedule, low frequencies reused, high forecast
+      low_band:  the reused low-frequency block, |u|, v <= low_band x (grid / 2), DC always (default 0.5;
+                 1 = every frequency reused: plain reuse)
     """
     method: str = "none"
     threshold: float = None
-    order: int = 1
+    order: int = None
     interval: int = 5
     warmup: int = 3
     variant: str = None
@@ -65,6 +70,7 @@ class CacheConfig:
     alpha: float = 0.05
     motion_ratio: float = 0.5
     budget: float = None
+    low_band: float = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -78,6 +84,8 @@ class CacheConfig:
         if not (isinstance(self.threshold, (int, float)) and 0.0 <= float(self.threshold) <= limit):
             raise ValueError(f"threshold must be in [0, {limit:g}] for {self.method}, got {self.threshold}")
         object.__setattr__(self, "threshold", float(self.threshold))
+        if self.order is None:
+            object.__setattr__(self, "order", 2 if self.method == "freqca" else 1)
         if not (isinstance(self.order, int) and 0 <= self.order <= MAX_ORDER):
             raise ValueError(f"order must be an integer in 0..{MAX_ORDER}, got {self.order!r}")
         if not (isinstance(self.interval, int) and self.interval >= 1):
@@ -116,6 +124,13 @@ class CacheConfig:
             if not (isinstance(self.budget, (int, float)) and 0.0 < self.budget <= 1.0):
                 raise ValueError(f"budget must be in (0, 1] (the fraction of blocks run), got {self.budget!r}")
             object.__setattr__(self, "budget", float(self.budget))
+        if self.low_band is not None and self.method != "freqca":
+            raise ValueError(f"low_band applies to freqca, not {self.method}")
+        if self.method == "freqca":
+            low_band = 0.5 if self.low_band is None else self.low_band
+            if not (isinstance(low_band, (int, float)) and 0.0 < low_band <= 1.0):
+                raise ValueError(f"low_band must be in (0, 1], got {low_band!r}")
+            object.__setattr__(self, "low_band", float(low_band))
         if self.method == "afcache" and self.order > 2:
             raise ValueError(f"afcache forecasts with Taylor order 0, 1 or 2, got order {self.order}")
         if not math.isfinite(self.threshold):
@@ -137,7 +152,7 @@ class CacheConfig:
 
     @property
     def uses_taylor(self):
-        return self.method in ("taylorseer", "fbcache_taylorseer")
+        return self.method in ("taylorseer", "fbcache_taylorseer", "freqca")
 
     def is_full_step(self, step):
         """TaylorSeer's fixed schedule: warm-up steps, then every `interval`-th step computes."""
@@ -152,7 +167,8 @@ class CacheConfig:
     @property
     def structure(self):
         """What decides the policy cell's graph (thresholds and calibrations do not: they are tensors)."""
-        return self.method, self.order, self.variant, self.fn, self.bn, self.fourier_ratio, self.motion_ratio
+        return (self.method, self.order, self.variant, self.fn, self.bn, self.fourier_ratio, self.motion_ratio,
+                self.low_band)
 
     def describe(self):
         if self.method == "none":
@@ -160,7 +176,7 @@ class CacheConfig:
         parts = []
         if self.method == "afcache" and self.budget is not None:
             parts.append(f"budget {self.budget:g}")
-        elif self.method != "taylorseer":
+        elif self.method not in ("taylorseer", "freqca"):
             parts.append(f"threshold {self.threshold:g}")
         if self.uses_fbcache and (self.fn, self.bn) != (1, 0):
             parts.append(f"F{self.fn}B{self.bn}")
@@ -168,6 +184,9 @@ class CacheConfig:
             parts.append(f"order {self.order}, interval {self.interval}, warmup {self.warmup}, {self.variant}")
         elif self.method == "fbcache_taylorseer":
             parts.append(f"order {self.order}")
+        elif self.method == "freqca":
+            parts.append(f"low band {self.low_band:g}, order {self.order}, interval {self.interval}, "
+                         f"warmup {self.warmup}")
         if self.method in ("teacache", "magcache"):
             parts.append(f"calibration {os.path.basename(self.calibration)}")
         if self.method == "magcache":

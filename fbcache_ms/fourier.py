@@ -64,6 +64,15 @@ class FourierCodec(nn.Cell):
     def restore(self, c):
         return ops.matmul(self.decoder, c.astype(ms.float32)).astype(c.dtype)
 
+    def low_band(self, x):
+        """The kept frequencies of x [B, h*w, D] only, back on the token grid."""
+        return self.restore(self.compress(x))
+
+
+def check_grid(grid, tokens):
+    if grid[0] * grid[1] != tokens:
+        raise ValueError(f"a {grid[0]}x{grid[1]} token grid does not hold {tokens} image tokens")
+
 
 class FourierFeature(CacheState):
     """A cached image-token tensor stored as its kept Fourier coefficients (Feature's interface)."""
@@ -71,8 +80,7 @@ class FourierFeature(CacheState):
     def __init__(self, shape, dtype, grid, ratio, name="fourier"):
         super().__init__()
         batch, tokens, dim = shape
-        if grid[0] * grid[1] != tokens:
-            raise ValueError(f"a {grid[0]}x{grid[1]} token grid does not hold {tokens} image tokens")
+        check_grid(grid, tokens)
         self.codec = FourierCodec(grid, ratio)
         self.stored = Feature((batch, self.codec.coefficients, dim), dtype, name)
 
@@ -92,8 +100,7 @@ class FourierTaylorFeature(CacheState):
     def __init__(self, shape, dtype, order, grid, ratio, name="fourier_taylor"):
         super().__init__()
         batch, tokens, dim = shape
-        if grid[0] * grid[1] != tokens:
-            raise ValueError(f"a {grid[0]}x{grid[1]} token grid does not hold {tokens} image tokens")
+        check_grid(grid, tokens)
         self.codec = FourierCodec(grid, ratio)
         self.factors = TaylorFeature((batch, self.codec.coefficients, dim), dtype, order, name)
 

@@ -3,6 +3,7 @@ from fbcache_ms.afcache import AFCache
 from fbcache_ms.config import CacheConfig
 from fbcache_ms.fastcache import FastCache
 from fbcache_ms.fbcache import FBCache
+from fbcache_ms.freqca import FreqCa
 from fbcache_ms.magcache import MagCache
 from fbcache_ms.taylorseer import TaylorSeer
 from fbcache_ms.teacache import TeaCache
@@ -26,6 +27,8 @@ def make_policy(config: CacheConfig, transformer, batch, image_tokens, text_toke
         return FastCache(transformer, batch, image_tokens, text_tokens, config.motion_ratio)
     if config.method == "magcache":
         return MagCache(transformer, batch, image_tokens, text_tokens)
+    if config.method == "freqca":
+        return FreqCa(transformer, batch, image_tokens, text_tokens, config.order, grid, config.low_band)
     if config.method == "afcache":
         return AFCache(transformer, batch, image_tokens, text_tokens, config.order)
     raise ValueError(f"no cache policy for method {config.method!r}")

@@ -117,6 +117,13 @@ class TaylorFeature(CacheState):
         """The order-p term of the forecast; weights: the clock's forecast_weights(step)."""
         return self._scaled(self.diffs[p], weights[p - 1])
 
+    def change(self, weights):
+        """The forecast minus the last value (its terms of order 1 and up); None at order 0."""
+        out = None
+        for p in range(1, self.order + 1):
+            out = self.term(weights, p) if out is None else out + self.term(weights, p)
+        return out
+
     def forecast(self, weights, order=None):
         """Newton forecast with the terms up to `order` (default: all this feature keeps)."""
         order = self.order if order is None else min(order, self.order)

@@ -129,8 +129,9 @@ class ReferenceCache:
 
     def __init__(self, method, threshold=0.0, order=1, interval=5, warmup=3, variant="per_module", fn=1, bn=0,
                  steps=None, coefficients=None, ratios=None, max_skip=3, retention=0.2, fourier_ratio=1.0, grid=None,
-                 alpha=0.05, motion_ratio=1.0, budget=None):
+                 alpha=0.05, motion_ratio=1.0, budget=None, low_band=None):
         self.method, self.threshold, self.order = method, threshold, order
+        self.low_band = low_band  # FreqCa
         self.fourier_ratio, self.grid = fourier_ratio, grid
         self.alpha, self.motion_ratio, self.prev_h = alpha, motion_ratio, None
         self.interval, self.warmup, self.variant = interval, warmup, variant
@@ -152,14 +153,15 @@ class ReferenceCache:
         value = newton_forecast(self.history[key], step, self.order)
         return torch.from_numpy(value).to(like.dtype)
 
-    def _lowpass(self, x):
+    def _lowpass(self, x, ratio=None):
         """Fourier storage: what survives of an image-token tensor [B, h*w, D] when only the low-frequency block
         of its rFFT2 over the token grid is kept (the forecast is linear, so low-passing it equals forecasting
-        from low-passed factors)."""
-        if self.fourier_ratio >= 1:
+        from low-passed factors). FreqCa: its low band, `ratio` = low_band."""
+        ratio = self.fourier_ratio if ratio is None else ratio
+        if ratio >= 1:
             return x
         h, w = self.grid
-        ku, kv = int(self.fourier_ratio * h / 2), int(self.fourier_ratio * w / 2)
+        ku, kv = int(ratio * h / 2), int(ratio * w / 2)
         spectrum = torch.fft.rfft2(x.double().reshape(x.shape[0], h, w, -1), dim=(1, 2))
         u = torch.arange(h)
         keep = (torch.minimum(u, h - u) <= ku)[:, None] & (torch.arange(w // 2 + 1) <= kv)[None, :]
@@ -299,6 +301,17 @@ class ReferenceCache:
             hf, _ = flux.blocks(mid_stop, flux.num_blocks, hm, em, temb, rope)
             return flux.head(hf, temb), True
         full = self.is_full(step)
+        if self.method == "freqca":
+            if full:
+                hf, _ = flux.blocks_from(0, h, e, temb, rope)
+                self._remember("res", step, hf - h)
+            else:  # the last residual's low band, the forecast's high band
+                last = torch.from_numpy(self.history["res"][-1][1])
+                forecast = torch.from_numpy(newton_forecast(self.history["res"], step, self.order))
+                low = self._lowpass(last, self.low_band)
+                high = forecast - self._lowpass(forecast, self.low_band)
+                hf = h + (low + high).to(h.dtype)
+            return flux.head(hf, temb), full
         if self.variant == "residual":
             if full:
                 hf, _ = flux.blocks_from(0, h, e, temb, rope)

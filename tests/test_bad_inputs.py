@@ -84,6 +84,8 @@ CASES = [
      "--fn \\+ --bn must be below the model's"),
     ("Fourier ratio 0", ["--prompt", "a", "--cache", "fbcache", "--fourier-ratio", "0"], "fourier_ratio must be in"),
     ("Fourier ratio on TeaCache", ["--prompt", "a", "--cache", "teacache", "--fourier-ratio", "0.5"], "not teacache"),
+    ("low band on FBCache", ["--prompt", "a", "--cache", "fbcache", "--low-band", "0.5"], "low_band applies to freqca"),
+    ("FreqCa low band 0", ["--prompt", "a", "--cache", "freqca", "--low-band", "0"], "low_band must be in"),
     ("FastCache alpha 1", ["--prompt", "a", "--cache", "fastcache", "--alpha", "1"], "alpha must be in"),
     ("FastCache motion ratio 0", ["--prompt", "a", "--cache", "fastcache", "--motion-ratio", "0"],
      "motion_ratio must be in"),
