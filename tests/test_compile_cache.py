@@ -121,3 +121,47 @@ def test_a_pipeline_run_loads_its_graphs_and_gives_the_same_images(tiny_dev_chec
     for key in ("plain", "cached"):
         np.testing.assert_array_equal(first[key], none[key])
         np.testing.assert_array_equal(again[key], none[key])
+
+
+TWO_GRAPHS_IN_ONE_CALL = """
+import json, os, sys
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+from pipelines.compile_cache import DiskCompiled, graph_folder
+
+class Scale(nn.Cell):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+        self.w = ms.Parameter(ms.Tensor(np.ones(3, np.float32)), name="w")
+    def construct(self, x):
+        return x * self.w * self.factor
+
+root = sys.argv[1]
+x = ms.Tensor(np.ones(3, np.float32))
+two, three, five = Scale(2), Scale(3), Scale(5)
+first = DiskCompiled(two.construct, root, two, ("scale", 2))
+both = (ms.jit(two.construct), ms.jit(three.construct))
+first.fn = lambda x: both[1](both[0](x))  # one call that compiles two graphs: MindSpore's count is no longer ours
+out = {"6": first(x).asnumpy().tolist()}
+later = DiskCompiled(five.construct, root, five, ("scale", 5))
+out["5"] = later(x).asnumpy().tolist()
+folder = graph_folder(root)
+out["files"] = sorted(f for f in os.listdir(folder) if f.startswith("compile_cache_"))
+with open(os.path.join(folder, "manifest.json")) as f:
+    out["manifest"] = json.load(f)
+print(json.dumps(out))
+"""
+
+
+def test_a_call_that_compiles_two_graphs_caches_nothing_more(tmp_path):
+    root = tmp_path / "cache"
+    # an earlier run left files 0 and 1 (the doubling and tripling graphs) and their entries
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "2,3").splitlines()[-1]) == {"2": [2.0] * 3, "3": [3.0] * 3}
+    out = json.loads(_run(tmp_path, TWO_GRAPHS_IN_ONE_CALL, root).splitlines()[-1])
+    # right results; files from 0 on are forgotten, and the rest of the process compiles without the cache
+    assert out == {"6": [6.0] * 3, "5": [5.0] * 3, "files": [], "manifest": {}}
+    # a later run compiles afresh and saves again
+    assert json.loads(_run(tmp_path, TWO_GRAPHS, root, "3,2").splitlines()[-1]) == {"2": [2.0] * 3, "3": [3.0] * 3}
+    assert len(_saved(root)) == 2
