@@ -28,7 +28,7 @@ def read_signals(t, h, e, temb, cos, sin):
     mods = block0.modulation(temb)
     modulated = modulated_layer_norm(h, mods[0], mods[1], 1e-6)
     h0, e0 = block0(h, e, temb, cos, sin)[:2]
-    h_out, _ = t.run_blocks(h0, e0, temb, cos, sin, 1)
+    h_out = t.run_blocks(h0, e0, temb, cos, sin, 1)[0]
     return t.head(h_out, temb), modulated, h0 - h, h_out - h
 
 

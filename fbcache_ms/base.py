@@ -79,6 +79,6 @@ class WholeStackCache(CachePolicy):
         if skip:
             h_out = h + self.residual.value
         else:
-            h_out, _ = self.transformer.run_blocks(h, e, temb, cos, sin)
+            h_out = self.transformer.run_blocks(h, e, temb, cos, sin)[0]
             self.residual.store(h_out - h)
         return h_out

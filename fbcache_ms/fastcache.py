@@ -72,7 +72,7 @@ class FastCache(WholeStackCache):
         return self.transformer.num_blocks * share
 
     def _full_stack(self, h, e, temb, cos, sin):
-        h_out, _ = self.transformer.run_blocks(h, e, temb, cos, sin)
+        h_out = self.transformer.run_blocks(h, e, temb, cos, sin)[0]
         self.residual.store(h_out - h)
         return h_out
 
@@ -84,7 +84,7 @@ class FastCache(WholeStackCache):
         txt = self.text_tokens
         cos_k = ops.cat([cos[:txt], ops.gather(cos[txt:], idx, 0)], axis=0)
         sin_k = ops.cat([sin[:txt], ops.gather(sin[txt:], idx, 0)], axis=0)
-        out_motion, _ = self.transformer.run_blocks(h_motion, e, temb, cos_k, sin_k)
+        out_motion = self.transformer.run_blocks(h_motion, e, temb, cos_k, sin_k)[0]
         # scatter back: one-hot [N, k] columns place the k computed tokens; the others keep their residual
         place = (ops.arange(self.image_tokens, dtype=ms.int32).reshape(-1, 1) == idx.reshape(1, -1)).astype(h.dtype)
         moved = place.sum(axis=1).reshape(1, -1, 1)

@@ -77,5 +77,5 @@ class FBCache(CachePolicy):
         else:
             h_mid, e_mid = t.run_blocks(h_f, e_f, temb, cos, sin, self.fn, self.mid_stop)
             self.store(r1, h_mid - h_f, e_mid - e_f, step)
-        h_out, _ = t.run_blocks(h_mid, e_mid, temb, cos, sin, self.mid_stop)
+        h_out = t.run_blocks(h_mid, e_mid, temb, cos, sin, self.mid_stop)[0]
         return t.head(h_out, temb), ops.logical_not(hit), change

@@ -41,7 +41,7 @@ class FreqCa(CachePolicy):
         h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                        img_ids, txt_ids, guidance)
         if full:
-            h_out, _ = t.run_blocks(h, e, temb, cos, sin)
+            h_out = t.run_blocks(h, e, temb, cos, sin)[0]
             self.residual.update(h_out - h, self.clock.update_scales(step))
             self.clock.advance(step)
         else:

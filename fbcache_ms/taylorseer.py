@@ -75,7 +75,7 @@ class TaylorSeer(CachePolicy):
                 h_out = self._forecast_stack(h, temb, step)
         else:
             if full:
-                h_out, _ = t.run_blocks(h, e, temb, cos, sin)
+                h_out = t.run_blocks(h, e, temb, cos, sin)[0]
                 self.res_h.update(h_out - h, self.clock.update_scales(step))
                 self.clock.advance(step)
             else:

@@ -322,7 +322,7 @@ class FluxTransformer(nn.Cell):
         (guidance_embeds false) but always passed, so one signature serves both."""
         h, e, temb, cos, sin = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                           img_ids, txt_ids, guidance)
-        h, e = self.run_blocks(h, e, temb, cos, sin)
+        h = self.run_blocks(h, e, temb, cos, sin)[0]
         return self.head(h, temb)
 
 
