@@ -5,9 +5,11 @@ ideal column moves by about 0.1 between runs of the same code. Here one process 
 method (the latents entering every step), then replays it `--rounds` times: each step of the method (its state
 reset before every replay, so it takes the same decisions on the same inputs) is timed next to the compiled
 uncached transformer on the same inputs, in alternating order. Both see the same moment of the machine, so
-their ratio is steady. Per method: measured = sum over steps of the uncached step's median / the method's,
-ideal = blocks an uncached run runs / blocks the method ran, efficiency = measured / ideal. Step times hold
-the transformer (or the method's policy step) only, not the Euler update.
+their ratio is steadier. Per method: measured = sum over steps of the uncached step's median / the method's,
+ideal = blocks an uncached run runs / blocks the method ran, efficiency = measured / ideal; the table also gives
+the range of each single replay's efficiency (on the 2-core test machine about +-0.03: differences smaller than
+that are not the code's). Step times hold the transformer (or the method's policy step) only, not the Euler
+update.
 
   python -m eval.profile_cache_steps                      # FLUX-proportioned random model, 256x256, 8 steps
   python -m eval.profile_cache_steps --checkpoint DIR --methods fbcache,taylorseer --rounds 6 --json out.json
@@ -33,10 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=4, help="timed replays after one untimed one (default 4)")
     p.add_argument("--methods", default="fbcache,taylorseer,magcache",
                    help="comma-separated subset of: " + ", ".join(CACHED) + " (default fbcache,taylorseer,magcache;"
-                        " each with its defaults, FBCache with --fbcache-threshold)")
+                        " each with its defaults, FBCache and FBCache+TaylorSeer with --fbcache-threshold)")
     p.add_argument("--fbcache-threshold", type=float, default=None,
-                   help="FBCache threshold (default: the 40th percentile of this model's own block-0 changes, so "
-                        "that a random model reuses steps too)")
+                   help="FBCache and FBCache+TaylorSeer threshold (default: the 40th percentile of this model's own "
+                        "block-0 changes, so that a random model reuses steps too)")
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("--markdown", help="write the table to this markdown file")
     args = p.parse_args(argv)
@@ -124,10 +126,12 @@ def profile_method(replay, cache, rounds):
     uncached_s = np.median([[u for _, u, _ in rows] for rows in per_round], axis=0)
     measured = float(uncached_s.sum() / method_s.sum())
     ideal = 1 / stats.block_fraction()
+    # each replay's own measured / ideal: how far one replay's figure moves on this machine
+    per_replay = [sum(u for _, u, _ in rows) / sum(m for m, _, _ in rows) / ideal for rows in per_round]
     return dict(method=cache.method, setting=cache.describe(), threshold=cache.threshold, pattern=stats.pattern(),
                 method_step_s=method_s.tolist(), uncached_step_s=uncached_s.tolist(),
                 blocks_run=stats.blocks_run["cond"], state_bytes=stats.state_bytes, measured=measured, ideal=ideal,
-                efficiency=measured / ideal, final_latents=final)
+                efficiency=measured / ideal, efficiency_per_replay=per_replay, final_latents=final)
 
 
 def run(args, checkpoint):
@@ -135,27 +139,29 @@ def run(args, checkpoint):
     from fbcache_ms.config import CacheConfig
     from pipelines.flux_pipeline import FluxPipeline
     replay = Replay(FluxPipeline.from_pretrained(checkpoint), args)
-    results = []
+    results, threshold = [], args.fbcache_threshold
     for method in tqdm(args.methods, desc="methods"):
         kwargs = {}
-        if method == "fbcache":
-            kwargs["threshold"] = (args.fbcache_threshold if args.fbcache_threshold is not None
-                                   else fbcache_threshold_from_model(replay.pipe, args, replay.noise))
+        if method in ("fbcache", "fbcache_taylorseer"):
+            if threshold is None:
+                threshold = fbcache_threshold_from_model(replay.pipe, args, replay.noise)
+            kwargs["threshold"] = threshold
         results.append(profile_method(replay, CacheConfig(method, **kwargs), args.rounds))
     return results
 
 
 def report(results):
     lines = ["| setting | pattern | method s / image | uncached s / image | full step / uncached | "
-             "reused step / uncached | measured | ideal | measured / ideal | state MiB |", "|---" * 10 + "|"]
+             "reused step / uncached | measured | ideal | measured / ideal | one replay's | state MiB |", "|---" * 11 + "|"]
     for r in results:
         ratio = np.array(r["method_step_s"]) / np.array(r["uncached_step_s"])
         full = [q for q, c in zip(ratio, r["pattern"]) if c == "C"]
         reused = [q for q, c in zip(ratio, r["pattern"]) if c == "."]
-        span = lambda v: f"{min(v):.3f}-{max(v):.3f}" if v else "-"  # noqa: E731
+        span = lambda v, digits=3: f"{min(v):.{digits}f}-{max(v):.{digits}f}" if v else "-"  # noqa: E731
         lines.append(f"| {r['setting']} | `{r['pattern']}` | {sum(r['method_step_s']):.2f} | "
                      f"{sum(r['uncached_step_s']):.2f} | {span(full)} | {span(reused)} | {r['measured']:.2f}x | "
-                     f"{r['ideal']:.2f}x | {r['efficiency']:.2f} | {r['state_bytes'] / 2 ** 20:.2f} |")
+                     f"{r['ideal']:.2f}x | {r['efficiency']:.2f} | {span(r['efficiency_per_replay'], 2)} | "
+                     f"{r['state_bytes'] / 2 ** 20:.2f} |")
     return "\n".join(lines)
 
 

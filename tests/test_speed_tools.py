@@ -138,6 +138,7 @@ def test_cache_step_profile_replays_the_pipelines_run(tiny_dev_checkpoint, tmp_p
         full = pipe.transformer.num_blocks
         assert r["ideal"] == pytest.approx(8 * full / sum(r["blocks_run"]))
         assert r["ideal"] > 1 and r["efficiency"] == pytest.approx(r["measured"] / r["ideal"])
+        assert len(r["efficiency_per_replay"]) == 2
     assert by["taylorseer"]["pattern"] == "CCCC...."
     assert "." in by["fbcache"]["pattern"]
     assert json.loads(out.read_text())["results"][0]["method"] == "fbcache"
