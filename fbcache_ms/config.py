@@ -93,7 +93,8 @@ class CacheConfig:
         if not (isinstance(self.warmup, int) and self.warmup >= 1):
             raise ValueError(f"warmup must be an integer >= 1 (the first step always computes), got {self.warmup!r}")
         if self.variant is None:
-            object.__setattr__(self, "variant", "residual" if self.method == "fbcache_taylorseer" else "per_module")
+            residual_only = self.method in ("fbcache_taylorseer", "freqca")  # FreqCa: TaylorSeer's residual variant
+            object.__setattr__(self, "variant", "residual" if residual_only else "per_module")
         if self.variant not in TAYLOR_VARIANTS:
             raise ValueError(f"unknown TaylorSeer variant {self.variant!r}: choose one of {', '.join(TAYLOR_VARIANTS)}")
         if self.method == "fbcache_taylorseer" and self.variant != "residual":

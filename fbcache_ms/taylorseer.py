@@ -17,9 +17,12 @@ class TaylorSeer(CachePolicy):
     forecast does not depend on the stream it is added to and the head reads the image tokens only, so on a
     forecast step the text stream's forecasts would be computed for nothing (the output is the same).
     residual: one forecast per stream of the whole block stack's residual.
+    residual_feature: the residual variant's cached tensor with its own forecast rule (FreqCa's); default a
+    TaylorFeature, kept Fourier-compressed when `fourier` (grid, ratio) is given.
     """
 
-    def __init__(self, transformer, batch, image_tokens, text_tokens, order, variant, fourier=None):
+    def __init__(self, transformer, batch, image_tokens, text_tokens, order, variant, fourier=None,
+                 residual_feature=None):
         super().__init__(transformer)
         cfg, dtype = transformer.config, transformer.dtype
         img = (batch, image_tokens, cfg.dim)
@@ -31,6 +34,8 @@ class TaylorSeer(CachePolicy):
             self.attn = features("attn", cfg.num_layers)
             self.ff = features("ff", cfg.num_layers)
             self.single = features("single", cfg.num_single_layers)  # the image tokens of proj_out
+        elif residual_feature is not None:
+            self.res_h = residual_feature
         else:
             self.res_h = FourierTaylorFeature(img, dtype, order, *fourier, "res_h") if fourier \
                 else TaylorFeature(img, dtype, order, "res_h")

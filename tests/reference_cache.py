@@ -301,21 +301,16 @@ class ReferenceCache:
             hf, _ = flux.blocks(mid_stop, flux.num_blocks, hm, em, temb, rope)
             return flux.head(hf, temb), True
         full = self.is_full(step)
-        if self.method == "freqca":
+        if self.variant == "residual" or self.method == "freqca":
             if full:
                 hf, _ = flux.blocks_from(0, h, e, temb, rope)
                 self._remember("res", step, hf - h)
-            else:  # the last residual's low band, the forecast's high band
+            elif self.method == "freqca":  # the last residual's low band, the forecast's high band
                 last = torch.from_numpy(self.history["res"][-1][1])
                 forecast = torch.from_numpy(newton_forecast(self.history["res"], step, self.order))
                 low = self._lowpass(last, self.low_band)
                 high = forecast - self._lowpass(forecast, self.low_band)
                 hf = h + (low + high).to(h.dtype)
-            return flux.head(hf, temb), full
-        if self.variant == "residual":
-            if full:
-                hf, _ = flux.blocks_from(0, h, e, temb, rope)
-                self._remember("res", step, hf - h)
             else:
                 hf = h + self._lowpass(self._forecast("res", step, h))
             return flux.head(hf, temb), full

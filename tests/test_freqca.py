@@ -56,7 +56,7 @@ def test_state_is_one_residual_per_order(dev_pipeline):
 
 def test_defaults_and_errors():
     cache = CacheConfig("freqca")
-    assert (cache.order, cache.low_band, cache.interval, cache.warmup) == (2, 0.5, 5, 3)
+    assert (cache.order, cache.low_band, cache.interval, cache.warmup, cache.variant) == (2, 0.5, 5, 3, "residual")
     assert CacheConfig("taylorseer").order == 1 and CacheConfig("taylorseer").low_band is None
     for kwargs, match in [(dict(method="fbcache", low_band=0.5), "low_band applies to freqca"),
                           (dict(method="freqca", low_band=0.0), "low_band must be in"),
