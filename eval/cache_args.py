@@ -44,6 +44,9 @@ def add_cache_arguments(parser):
     g.add_argument("--budget", type=float, default=None,
                    help="AFCache: fraction of an uncached run's blocks to run, spent on the least stable blocks "
                         "(default: threshold mode, a block runs while its stability is below --threshold)")
+    g.add_argument("--group-size", type=int, default=1,
+                   help="AFCache: decide for this many consecutive blocks at once (one stability and one tensor if "
+                        "per unit: less control flow and bookkeeping, coarser choices; default 1: per block)")
     g.add_argument("--low-band", type=float, default=None,
                    help="FreqCa: the low-frequency block of the stack's residual that is reused as stored, this "
                         "fraction of each token-grid axis' frequencies (default 0.5; the rest is forecast)")
@@ -56,7 +59,7 @@ def cache_config_from_args(args):
                        warmup=args.warmup, variant=args.taylor_variant, fn=args.fn, bn=args.bn,
                        calibration=args.calibration, max_skip=args.max_skip, retention=args.retention,
                        fourier_ratio=args.fourier_ratio, alpha=args.alpha, motion_ratio=args.motion_ratio,
-                       budget=args.budget, low_band=args.low_band)
+                       budget=args.budget, low_band=args.low_band, group_size=args.group_size)
 
 
 COMPILE_CACHE_HELP = ("keep the compiled graphs in this folder and load them on later runs that compile the same "

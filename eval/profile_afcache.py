@@ -12,6 +12,7 @@ but the state is): this measures cost, never output. Each variant: alternating s
 AFCache, median step of each.
 
   python -m eval.profile_afcache                  # FLUX-proportioned random model, 256x256, 64 text tokens
+  python -m eval.profile_afcache --group-size 4   # one decision per 4 blocks (4 times fewer tensor ifs)
 """
 import argparse
 import json
@@ -30,11 +31,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=4, help="steps of each timed run (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="alternating uncached / AFCache rounds (default 3)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--group-size", type=int, default=1,
+                   help="AFCache's blocks per decision unit (default 1: one tensor if per block)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one variant in this process
     args = p.parse_args(argv)
     args.variants = comma_choices(p, args.variants, VARIANTS, "--variants")
-    check_model_arguments(p, args, steps=args.steps, rounds=args.rounds)
+    check_model_arguments(p, args, steps=args.steps, rounds=args.rounds, group_size=args.group_size)
     return args
 
 
@@ -70,7 +73,7 @@ def time_variant(args):
     call = dict(prompt="a photo of a cat on a wooden table", height=args.height, width=args.width,
                 num_inference_steps=args.steps, max_sequence_length=args.text_tokens, seed=0, progress=False,
                 output_type="latent")
-    cache = CacheConfig("afcache", threshold=1.0, order=2)
+    cache = CacheConfig("afcache", threshold=1.0, order=2, group_size=args.group_size)
     pipe(**call)
     pipe(**call, cache=cache)  # compile both first
     uncached, cached = [], []
@@ -96,9 +99,9 @@ def main(argv=None):
         results = run_workers("eval.profile_afcache", args.variants,
                               ["--checkpoint", checkpoint, "--height", str(args.height), "--width", str(args.width),
                                "--text-tokens", str(args.text_tokens), "--steps", str(args.steps), "--rounds",
-                               str(args.rounds)])
+                               str(args.rounds), "--group-size", str(args.group_size)])
     print(f"\n{args.checkpoint or 'FLUX-proportioned random model'}, {args.height}x{args.width}, {args.text_tokens} "
-          f"text tokens, fp32, AFCache order 2 at threshold 1, {args.rounds} rounds of {args.steps} steps\n")
+          f"text tokens, fp32, AFCache order 2 at threshold 1, units of {args.group_size} blocks, {args.rounds} rounds of {args.steps} steps\n")
     print("| variant | uncached step s | AFCache step s | overhead |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['variant']} | {r['uncached_step_s']:.3f} | {r['afcache_step_s']:.3f} | {r['overhead']:+.1%} |")

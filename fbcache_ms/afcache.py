@@ -1,4 +1,4 @@
-"""AFCache: per block and per step, a strategy chosen from the block's measured stability.
+"""AFCache: per block (or unit of blocks) and per step, a strategy chosen from its measured stability.
 
 This project's definition (no paper exists; ../shared/reference/cache-methods.md gives only the intent).
 The cached unit is each block's residual, output - input (a double block: image and text streams; a single
@@ -18,9 +18,15 @@ Per step, decided before any block runs, from the stabilities so far:
   run over the whole call come to `budget` of an uncached call (as close as the refresh steps allow);
 - a block that does not run adds its best predictor's forecast to its input.
 Each block's run is a tensor `if`: a block that does not run costs its forecast only.
-The per-step strategy of every block (0 ran, 1 + p forecast by predictor p) is returned as the signal and
-kept in the statistics (CacheStats.strategies), with the stabilities after each step (CacheStats.stability,
-which `python -m eval.calibrate_cache` turns into a threshold).
+
+Units (group_size > 1): the decision is made for `group_size` consecutive blocks of the same kind at once (the
+double blocks and the single blocks are cut apart; a kind's last unit may be shorter): one residual (the
+unit's output - input), one stability, one tensor `if` per unit. On CPU every `if` is a kernel graph of its
+own (README: AFCache), so this cuts the control flow and the bookkeeping by the unit size. "Block" above then
+reads "unit"; the budget still counts blocks: the least stable units run, as many as come nearest to k blocks.
+The per-step strategy of every unit (0 ran, 1 + p forecast by predictor p) is returned as the signal and
+kept per block in the statistics (CacheStats.strategies), with the units' stabilities after each step
+(CacheStats.stability, which `python -m eval.calibrate_cache` turns into a threshold).
 """
 import math
 
@@ -36,22 +42,32 @@ EMA_KEEP = 0.9
 START = 0.5
 
 
+def units(n, size):
+    """(start, stop) of `n` blocks cut into runs of `size` (the last one may be shorter)."""
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
 class AFCache(CachePolicy):
-    def __init__(self, transformer, batch, image_tokens, text_tokens, order):
+    def __init__(self, transformer, batch, image_tokens, text_tokens, order, group_size=1):
         super().__init__(transformer)
         cfg, dtype = transformer.config, transformer.dtype
         dim = cfg.dim
         self.order = order
-        self.n_double, self.n_blocks = cfg.num_layers, transformer.num_blocks
+        self.n_blocks = transformer.num_blocks
+        self.double_units = units(cfg.num_layers, group_size)
+        self.single_units = units(cfg.num_single_layers, group_size)
+        self.sizes = [b - a for a, b in self.double_units + self.single_units]  # blocks per unit
+        self.n_units = len(self.sizes)
         img, txt, joint = (batch, image_tokens, dim), (batch, text_tokens, dim), (batch, text_tokens + image_tokens, dim)
-        self.res_h = nn.CellList([TaylorFeature(img, dtype, order, f"af_h{i}") for i in range(self.n_double)])
-        self.res_e = nn.CellList([TaylorFeature(txt, dtype, order, f"af_e{i}") for i in range(self.n_double)])
-        self.res_x = nn.CellList([TaylorFeature(joint, dtype, order, f"af_x{i}")
-                                  for i in range(cfg.num_single_layers)])
-        # one clock per block, advanced on the steps its block ran, kept as vectors over the blocks
-        self.clock = NewtonClock(order, "af_clock", groups=self.n_blocks)
-        # stability - START, so that the in-place reset (zeros) starts every block at START
-        self.stability = _buffer((self.n_blocks, order + 1), ms.float32, "af_stability")
+        n_double, n_single = len(self.double_units), len(self.single_units)
+        self.res_h = nn.CellList([TaylorFeature(img, dtype, order, f"af_h{i}") for i in range(n_double)])
+        self.res_e = nn.CellList([TaylorFeature(txt, dtype, order, f"af_e{i}") for i in range(n_double)])
+        self.res_x = nn.CellList([TaylorFeature(joint, dtype, order, f"af_x{i}") for i in range(n_single)])
+        # one clock per unit, advanced on the steps its unit ran, kept as vectors over the units
+        self.clock = NewtonClock(order, "af_clock", groups=self.n_units)
+        # stability - START, so that the in-place reset (zeros) starts every unit at START
+        self.stability = _buffer((self.n_units, order + 1), ms.float32, "af_stability")
+        self.unit_sizes = ms.Tensor(np.array(self.sizes, np.int32))
         self.gram = ops.MatMul(transpose_b=True)
         self.eye = ms.Tensor(np.eye(order + 2, dtype=np.float32))
         self.predictors = ms.Tensor(np.arange(order + 1, dtype=np.int32))
@@ -77,7 +93,7 @@ class AFCache(CachePolicy):
         return int(min(self.n_blocks, max(0, math.floor(k + 0.5))))
 
     def record(self, stats, branch, i, computed, signal):
-        codes = [int(c) for c in signal.asnumpy().reshape(-1)]
+        codes = [int(c) for c, size in zip(signal.asnumpy().reshape(-1), self.sizes) for _ in range(size)]
         ran = sum(c == 0 for c in codes)
         stats.record(branch, ran == len(codes), ran)
         stats.strategies.setdefault(branch, []).append(codes)
@@ -85,7 +101,7 @@ class AFCache(CachePolicy):
 
     # ---------------------------------------------------------------- graph
     def _decide(self, full, threshold, k):
-        """-> (run [blocks] bool, best predictor [blocks] float) from the stabilities so far."""
+        """-> (run [units] bool, best predictor [units] float) from the stabilities so far."""
         s = self.stability + START
         best_s = s[:, 0]
         best_p = ops.zeros_like(best_s)
@@ -93,17 +109,19 @@ class AFCache(CachePolicy):
             better = s[:, p] > best_s
             best_s = ops.select(better, s[:, p], best_s)
             best_p = ops.select(better, ops.full_like(best_p, float(p)), best_p)
-        # rank of each block by stability, lowest first (ties: lower index first)
-        lower = (best_s[None, :] < best_s[:, None]).astype(ms.int32)
-        tie = ops.logical_and(best_s[None, :] == best_s[:, None],
-                              ops.arange(self.n_blocks)[None, :] < ops.arange(self.n_blocks)[:, None])
-        rank = lower.sum(1) + tie.astype(ms.int32).sum(1)
-        run = ops.logical_or(best_s < threshold, rank < k)
+        # the units ranked before each one by stability, lowest first (ties: lower index first)
+        index = ops.arange(self.n_units)
+        before = ops.logical_or(best_s[None, :] < best_s[:, None],
+                                ops.logical_and(best_s[None, :] == best_s[:, None], index[None, :] < index[:, None]))
+        # blocks in the units up to and including this one; a unit runs while that comes nearer to k
+        # (units of one block: its rank < k)
+        upto = (before.astype(ms.int32) * self.unit_sizes[None, :]).sum(1) + self.unit_sizes
+        run = ops.logical_or(best_s < threshold, 2 * upto - self.unit_sizes < 2 * k)
         run = ops.logical_or(run, ops.logical_or(full, threshold >= 1.0))
         return run, best_p
 
     def _gram(self, fresh, states, weights):
-        """Gram matrix of [forecast 0, ..., forecast order, fresh residual] of one block (its streams count as
+        """Gram matrix of [forecast 0, ..., forecast order, fresh residual] of one unit (its streams count as
         one vector): every dot product the stability update needs, one stack and one matmul per stream."""
         gram = None
         for state, r in zip(states, fresh):
@@ -119,8 +137,8 @@ class AFCache(CachePolicy):
         return gram
 
     def _stability_update(self, grams, run):
-        """EMA of cos(fresh, predictor p's forecast) for every block that ran and every p with enough history,
-        all blocks at once from their Gram matrices [blocks, order + 2, order + 2]."""
+        """EMA of cos(fresh, predictor p's forecast) for every unit that ran and every p with enough history,
+        all units at once from their Gram matrices [units, order + 2, order + 2]."""
         last = self.order + 1
         norms = (grams * self.eye).sum(2)
         cosine = grams[:, :last, last] / (ops.sqrt(norms[:, :last] * norms[:, last:]) + EPS)
@@ -134,43 +152,46 @@ class AFCache(CachePolicy):
         h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                        img_ids, txt_ids, guidance)
         run, best_p = self._decide(full, threshold, k)
-        # every block's Newton coefficients at once ([blocks] each); a block reads its own entries
+        # every unit's Newton coefficients at once ([units] each); a unit reads its own entries
         weights = self.clock.forecast_weights(step)
         scales = self.clock.update_scales(step)
         used = [w * (best_p >= p).astype(ms.float32) for p, w in enumerate(weights, 1)]  # best predictor's terms
         grams = []
-        b = 0
-        for block, state_h, state_e in zip(t.transformer_blocks, self.res_h, self.res_e):
-            if run[b]:
-                h_new, e_new = block(h, e, temb, cos, sin)[:2]
+        u = 0
+        for (first, stop), state_h, state_e in zip(self.double_units, self.res_h, self.res_e):
+            if run[u]:
+                h_new, e_new = h, e
+                for i in range(first, stop):
+                    h_new, e_new = t.transformer_blocks[i](h_new, e_new, temb, cos, sin)[:2]
                 r_h, r_e = h_new - h, e_new - e
-                w_b = [w[b] for w in weights]
-                gram = self._gram((r_h, r_e), (state_h, state_e), w_b)
-                s_b = [s[b] for s in scales]
-                state_h.update(r_h, s_b)
-                state_e.update(r_e, s_b)
+                gram = self._gram((r_h, r_e), (state_h, state_e), [w[u] for w in weights])
+                s_u = [s[u] for s in scales]
+                state_h.update(r_h, s_u)
+                state_e.update(r_e, s_u)
                 h, e = h_new, e_new  # not h + r_h: all blocks running must be the uncached model exactly
             else:
-                u_b = [u[b] for u in used]
-                h = h + state_h.forecast(u_b)
-                e = e + state_e.forecast(u_b)
+                u_u = [w[u] for w in used]
+                h = h + state_h.forecast(u_u)
+                e = e + state_e.forecast(u_u)
                 gram = self.no_gram
             grams.append(gram)
-            b += 1
+            u += 1
         txt_len = e.shape[1]
         x = ops.cat([e, h], axis=1)
-        for block, state_x in zip(t.single_transformer_blocks, self.res_x):
-            if run[b]:
-                x_new = block(x, temb, cos, sin)[0]
+        for (first, stop), state_x in zip(self.single_units, self.res_x):
+            if run[u]:
+                x_new = x
+                for i in range(first, stop):
+                    x_new = t.single_transformer_blocks[i](x_new, temb, cos, sin)[0]
                 r_x = x_new - x
-                gram = self._gram((r_x,), (state_x,), [w[b] for w in weights])
-                state_x.update(r_x, [s[b] for s in scales])
+                gram = self._gram((r_x,), (state_x,), [w[u] for w in weights])
+                state_x.update(r_x, [s[u] for s in scales])
                 x = x_new
             else:
-                x = x + state_x.forecast([u[b] for u in used])
+                x = x + state_x.forecast([w[u] for w in used])
                 gram = self.no_gram
             grams.append(gram)
-            b += 1
+            u += 1
         self._stability_update(ops.stack(grams), run)  # reads the clocks' counts before they advance
         self.clock.advance(step, run)
         codes = ops.select(run, ops.zeros_like(best_p), best_p + 1)

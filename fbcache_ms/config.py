@@ -48,6 +48,8 @@ class CacheConfig:
                  stable blocks (None: threshold mode)
       order:     the highest Taylor order among the predictors (0 = reuse only)
       warmup, interval: the first `warmup` steps and every `interval`-th step after them run every block
+      group_size: decide for this many consecutive blocks at once (one residual, stability and tensor `if`
+                 per unit; default 1: per block)
     Fourier storage (fbcache, fbcache_taylorseer, taylorseer's residual variant):
       fourier_ratio: the cached image residual is kept as the low-frequency block of its 2-D FFT over the
                  token grid, |u|, v <= ratio x (grid / 2) (fourier.py); 1 stores it uncompressed
@@ -71,6 +73,7 @@ class CacheConfig:
     motion_ratio: float = 0.5
     budget: float = None
     low_band: float = None
+    group_size: int = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -132,6 +135,10 @@ class CacheConfig:
             if not (isinstance(low_band, (int, float)) and 0.0 < low_band <= 1.0):
                 raise ValueError(f"low_band must be in (0, 1], got {low_band!r}")
             object.__setattr__(self, "low_band", float(low_band))
+        if not (isinstance(self.group_size, int) and self.group_size >= 1):
+            raise ValueError(f"group_size must be an integer >= 1, got {self.group_size!r}")
+        if self.group_size != 1 and self.method != "afcache":
+            raise ValueError(f"group_size applies to afcache, not {self.method}")
         if self.method == "afcache" and self.order > 2:
             raise ValueError(f"afcache forecasts with Taylor order 0, 1 or 2, got order {self.order}")
         if not math.isfinite(self.threshold):
@@ -169,7 +176,7 @@ class CacheConfig:
     def structure(self):
         """What decides the policy cell's graph (thresholds and calibrations do not: they are tensors)."""
         return (self.method, self.order, self.variant, self.fn, self.bn, self.fourier_ratio, self.motion_ratio,
-                self.low_band)
+                self.low_band, self.group_size)
 
     def describe(self):
         if self.method == "none":
@@ -194,6 +201,8 @@ class CacheConfig:
             parts.append(f"max_skip {self.max_skip}, retention {self.retention:g}")
         if self.method == "afcache":
             parts.append(f"order {self.order}, interval {self.interval}, warmup {self.warmup}")
+            if self.group_size > 1:
+                parts.append(f"units of {self.group_size} blocks")
             if self.calibration is not None:
                 parts.append(f"calibration {os.path.basename(self.calibration)}")
         if self.method == "fastcache":

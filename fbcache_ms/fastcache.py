@@ -78,7 +78,7 @@ class FastCache(WholeStackCache):
 
     def _reduced_stack(self, h, e, temb, cos, sin, saliency):
         """Run the top-k salient image tokens (and all text tokens) through the stack; the rest reuse."""
-        _, idx = ops.topk(saliency, self.k)  # [k]
+        idx = ops.topk(saliency, self.k)[1]  # [k]; [1], not a discarded tuple element: MindSpore warns on those
         idx = idx.astype(ms.int32)
         h_motion = ops.gather(h, idx, 1)
         txt = self.text_tokens

@@ -30,5 +30,5 @@ def make_policy(config: CacheConfig, transformer, batch, image_tokens, text_toke
     if config.method == "freqca":
         return FreqCa(transformer, batch, image_tokens, text_tokens, config.order, grid, config.low_band)
     if config.method == "afcache":
-        return AFCache(transformer, batch, image_tokens, text_tokens, config.order)
+        return AFCache(transformer, batch, image_tokens, text_tokens, config.order, config.group_size)
     raise ValueError(f"no cache policy for method {config.method!r}")

@@ -129,7 +129,7 @@ class ReferenceCache:
 
     def __init__(self, method, threshold=0.0, order=1, interval=5, warmup=3, variant="per_module", fn=1, bn=0,
                  steps=None, coefficients=None, ratios=None, max_skip=3, retention=0.2, fourier_ratio=1.0, grid=None,
-                 alpha=0.05, motion_ratio=1.0, budget=None, low_band=None):
+                 alpha=0.05, motion_ratio=1.0, budget=None, low_band=None, group_size=1):
         self.method, self.threshold, self.order = method, threshold, order
         self.low_band = low_band  # FreqCa
         self.fourier_ratio, self.grid = fourier_ratio, grid
@@ -144,6 +144,7 @@ class ReferenceCache:
         self.history = {}  # key -> [(step, value)] of full steps
         self.changes = []  # FBCache's relative change at each step that had a reference
         self.budget, self.stability, self.strategies = budget, None, []  # AFCache
+        self.group_size = group_size
         self.stability_trace = []  # AFCache: per step, after it
 
     def _remember(self, key, step, value):
@@ -225,8 +226,9 @@ class ReferenceCache:
         self.residual, self.prev_h = hf - h, x
         return flux.head(hf, temb), True
 
-    def _afcache_runs(self, step, n):
-        """Which blocks run at `step`, and each block's best predictor, from the stabilities so far."""
+    def _afcache_runs(self, step, sizes):
+        """Which units run at `step`, and each unit's best predictor, from the stabilities so far."""
+        n = len(sizes)
         best_p = np.argmax(self.stability, 1)  # the first of equal stabilities: the lower order
         best_s = self.stability[np.arange(n), best_p]
         if self.is_full(step) or (self.budget is None and self.threshold >= 1):
@@ -234,20 +236,28 @@ class ReferenceCache:
         if self.budget is None:
             return best_s < self.threshold, best_p
         full = sum(self.is_full(i) for i in range(self.steps))
-        k = int(min(n, max(0, math.floor((self.budget * self.steps - full) * n / (self.steps - full) + 0.5))))
-        run = np.zeros(n, bool)
-        run[np.lexsort((np.arange(n), best_s))[:k]] = True  # the k least stable, lower index first on ties
+        blocks = sum(sizes)
+        k = int(min(blocks, max(0, math.floor((self.budget * self.steps - full) * blocks / (self.steps - full) + 0.5))))
+        run, ran = np.zeros(n, bool), 0
+        for u in np.lexsort((np.arange(n), best_s)):  # least stable first, lower index first on ties
+            if abs(ran + sizes[u] - k) >= abs(ran - k):  # the units' blocks come no nearer to k
+                break
+            run[u], ran = True, ran + sizes[u]
         return run, best_p
 
     def _afcache(self, flux, step, h, e, temb, rope):
-        n, n_double = flux.num_blocks, len(flux.m.transformer_blocks)
+        n_double = len(flux.m.transformer_blocks)
+        g = self.group_size
+        units = [(a, min(a + g, n_double)) for a in range(0, n_double, g)]
+        units += [(a, min(a + g, flux.num_blocks)) for a in range(n_double, flux.num_blocks, g)]
+        sizes = [b - a for a, b in units]
         if self.stability is None:
-            self.stability = np.full((n, self.order + 1), 0.5)
-        run, best_p = self._afcache_runs(step, n)
-        for b in range(n):
-            keys = (("h", b), ("e", b))
-            if run[b]:
-                new_h, new_e = flux.blocks(b, b + 1, h, e, temb, rope)
+            self.stability = np.full((len(units), self.order + 1), 0.5)
+        run, best_p = self._afcache_runs(step, sizes)
+        for u, (first, stop) in enumerate(units):
+            keys = (("h", u), ("e", u))
+            if run[u]:
+                new_h, new_e = flux.blocks(first, stop, h, e, temb, rope)
                 fresh = (new_h - h, new_e - e)
                 for p in range(self.order + 1):
                     if len(self.history.get(keys[0], [])) > p:
@@ -255,14 +265,14 @@ class ReferenceCache:
                                  for k, r in zip(keys, fresh)]
                         dot = sum((f * r).sum() for f, r in pairs)
                         norms = sum((f * f).sum() for f, _ in pairs) * sum((r * r).sum() for _, r in pairs)
-                        self.stability[b, p] = 0.9 * self.stability[b, p] + 0.1 * dot / math.sqrt(norms)
+                        self.stability[u, p] = 0.9 * self.stability[u, p] + 0.1 * dot / math.sqrt(norms)
                 for k, r in zip(keys, fresh):
                     self._remember(k, step, r)
                 h, e = new_h, new_e
             else:
-                h = h + torch.from_numpy(newton_forecast(self.history[keys[0]], step, best_p[b])).to(h.dtype)
-                e = e + torch.from_numpy(newton_forecast(self.history[keys[1]], step, best_p[b])).to(e.dtype)
-        self.strategies.append([0 if r else 1 + int(p) for r, p in zip(run, best_p)])
+                h = h + torch.from_numpy(newton_forecast(self.history[keys[0]], step, best_p[u])).to(h.dtype)
+                e = e + torch.from_numpy(newton_forecast(self.history[keys[1]], step, best_p[u])).to(e.dtype)
+        self.strategies.append([0 if r else 1 + int(p) for r, p, size in zip(run, best_p, sizes) for _ in range(size)])
         self.stability_trace.append(self.stability.copy())
         return flux.head(h, temb), bool(run.all())
 

@@ -17,17 +17,19 @@ def run(pipe, cache, seed=4, prompt="a cat", **kw):
     return pipe(prompt, latents=_latents(seed=seed), cache=cache, **CALL, **kw)
 
 
-def test_threshold_one_runs_every_block_and_is_the_uncached_model(dev_pipeline):
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_threshold_one_runs_every_block_and_is_the_uncached_model(dev_pipeline, group_size):
     uncached = dev_pipeline("a cat", latents=_latents(seed=4), **CALL).images
-    out = run(dev_pipeline, CacheConfig("afcache", threshold=1.0, order=2, **SCHEDULE))
+    out = run(dev_pipeline, CacheConfig("afcache", threshold=1.0, order=2, group_size=group_size, **SCHEDULE))
     assert out.cache_stats.strategies["cond"] == [[0] * BLOCKS] * STEPS
     np.testing.assert_allclose(out.images, uncached, rtol=0, atol=1e-6)
 
 
-def test_reuse_everywhere_is_fora_on_the_stack(dev_pipeline):
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_reuse_everywhere_is_fora_on_the_stack(dev_pipeline, group_size):
     # budget 4/8: the full steps spend it all, so every other step forecasts every block by reuse; the
-    # per-block residuals then add up to the stack's residual of the last full step
-    out = run(dev_pipeline, CacheConfig("afcache", budget=0.5, order=0, **SCHEDULE))
+    # per-block (per-unit) residuals then add up to the stack's residual of the last full step
+    out = run(dev_pipeline, CacheConfig("afcache", budget=0.5, order=0, group_size=group_size, **SCHEDULE))
     fora = run(dev_pipeline, CacheConfig("taylorseer", order=0, variant="residual", **SCHEDULE))
     strategies = out.cache_stats.strategies["cond"]
     assert [s == [0] * BLOCKS for s in strategies] == [c == "C" for c in fora.cache_stats.pattern()]
@@ -37,7 +39,10 @@ def test_reuse_everywhere_is_fora_on_the_stack(dev_pipeline):
 
 
 @pytest.mark.parametrize("cache", [dict(threshold=0.7, order=2), dict(threshold=0.66, order=1),
-                                   dict(budget=0.6, order=2)])
+                                   dict(budget=0.6, order=2),
+                                   # units of 2: (double 0-1), (single 2-3), (single 4); of 3: (double 0-1), (single 2-4):
+                                   # 2 blocks a step are then nearest by running the 3 when it is the least stable
+                                   dict(threshold=0.7, order=1, group_size=2), dict(budget=0.7, order=2, group_size=3)])
 def test_afcache_matches_reference(torch_dev_pipeline, dev_pipeline, cache):
     """Decisions, stabilities and latents against a torch reference on diffusers' blocks (tests/reference_cache.py)."""
     kw = dict(cache, **SCHEDULE)
@@ -163,6 +168,8 @@ def test_thresholds_and_budgets_do_not_recompile(dev_pipeline):
     (dict(method="fbcache", budget=0.5), "budget applies to afcache"),
     (dict(method="afcache", order=3), "order 0, 1 or 2"),
     (dict(method="afcache", threshold=1.2), "threshold"),
+    (dict(method="afcache", group_size=0), "group_size must be an integer >= 1"),
+    (dict(method="teacache", group_size=2), "group_size applies to afcache"),
 ])
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

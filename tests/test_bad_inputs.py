@@ -86,6 +86,7 @@ CASES = [
     ("Fourier ratio on TeaCache", ["--prompt", "a", "--cache", "teacache", "--fourier-ratio", "0.5"], "not teacache"),
     ("low band on FBCache", ["--prompt", "a", "--cache", "fbcache", "--low-band", "0.5"], "low_band applies to freqca"),
     ("FreqCa low band 0", ["--prompt", "a", "--cache", "freqca", "--low-band", "0"], "low_band must be in"),
+    ("AFCache units of 0 blocks", ["--prompt", "a", "--cache", "afcache", "--group-size", "0"], "group_size must be"),
     ("FastCache alpha 1", ["--prompt", "a", "--cache", "fastcache", "--alpha", "1"], "alpha must be in"),
     ("FastCache motion ratio 0", ["--prompt", "a", "--cache", "fastcache", "--motion-ratio", "0"],
      "motion_ratio must be in"),

@@ -65,8 +65,10 @@ def test_afcache_profile_removes_its_parts(tiny_dev_checkpoint, tmp_path):
     out = tmp_path / "afcache.json"
     profile_afcache.main(["--checkpoint", tiny_dev_checkpoint, "--height", "64", "--width", "64", "--text-tokens",
                           "16", "--steps", "3", "--rounds", "1", "--variants", "full,no-stability",
-                          "--json", str(out)])
-    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+                          "--group-size", "2", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["args"]["group_size"] == 2
+    results = {r["variant"]: r for r in data["results"]}
     assert results["full"]["stability_moved"] and not results["no-stability"]["stability_moved"]
     assert all(r["uncached_step_s"] > 0 and r["afcache_step_s"] > 0 for r in results.values())
 
