@@ -24,6 +24,8 @@ def parse_args(argv=None):
     add_model_arguments(p)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--steps", type=int, default=3, help="denoising steps of the timed call, at least 2 (default 3)")
+    p.add_argument("--group-size", type=int, default=1,
+                   help="AFCache's blocks per decision unit (default 1: one tensor if per block)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--markdown", help="write the table to this markdown file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one method in this process
@@ -31,7 +33,7 @@ def parse_args(argv=None):
     args.methods = comma_choices(p, args.methods, METHODS, "--methods")
     if args.steps < 2:
         p.error("--steps must be at least 2 (the later steps give the step time that is not compile)")
-    check_model_arguments(p, args)
+    check_model_arguments(p, args, group_size=args.group_size)
     return args
 
 
@@ -40,12 +42,14 @@ def time_method(args):
     from fbcache_ms.config import CacheConfig
     from pipelines.flux_pipeline import FluxPipeline
     pipe = FluxPipeline.from_pretrained(args.checkpoint)
+    cache = CacheConfig(method=args.worker, group_size=args.group_size if args.worker == "afcache" else 1)
     out = pipe("a red circle above a blue square", height=args.height, width=args.width,
                num_inference_steps=args.steps, seed=0, max_sequence_length=args.text_tokens, output_type="latent",
-               progress=False, cache=CacheConfig(method=args.worker))
+               progress=False, cache=cache)
     steps = out.timings["steps"]
     later = float(np.median(steps[1:]))
-    return dict(method=args.worker, first_step_s=steps[0], later_step_s=later, compile_s=steps[0] - later,
+    return dict(method=args.worker, cache=cache.describe(), first_step_s=steps[0], later_step_s=later,
+                compile_s=steps[0] - later,
                 encode_s=out.timings["encode"], steps_s=steps)
 
 
@@ -65,10 +69,13 @@ def main(argv=None):
     from eval.make_tiny_checkpoint import checkpoint_or_flux_proportioned
     with checkpoint_or_flux_proportioned(args.checkpoint, variant="dev") as checkpoint:
         argv = ["--checkpoint", checkpoint, "--height", str(args.height), "--width", str(args.width),
-                "--text-tokens", str(args.text_tokens), "--steps", str(args.steps)]
+                "--text-tokens", str(args.text_tokens), "--steps", str(args.steps),
+                "--group-size", str(args.group_size)]
         results = run_workers("eval.compile_time", args.methods, argv)
     text = (f"{args.checkpoint or 'FLUX-proportioned random model'}, {args.height}x{args.width}, {args.text_tokens} "
-            f"text tokens, fp32, batch 1, {args.steps} steps, {os.cpu_count()} cores, one fresh process per method\n\n"
+            f"text tokens, fp32, batch 1, {args.steps} steps, {os.cpu_count()} cores, one fresh process per method"
+            + (f", AFCache in units of {args.group_size} blocks" if args.group_size > 1 and "afcache" in args.methods
+               else "") + "\n\n"
             + report(results))
     print("\n" + text)
     if args.json:

@@ -83,7 +83,7 @@ def time_variant(args):
         cached += out.timings["steps"]
     # whether the stability update ran: every stability starts at 0.5 and moves only through it
     moved = bool(np.any(np.abs(np.asarray(out.cache_stats.stability["cond"][-1]) - 0.5) > 1e-6))
-    return dict(variant=args.worker, uncached_step_s=float(np.median(uncached)),
+    return dict(variant=args.worker, cache=cache.describe(), uncached_step_s=float(np.median(uncached)),
                 afcache_step_s=float(np.median(cached)),
                 overhead=float(np.median(cached) / np.median(uncached) - 1), stability_moved=moved)
 

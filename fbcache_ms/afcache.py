@@ -23,7 +23,8 @@ Units (group_size > 1): the decision is made for `group_size` consecutive blocks
 double blocks and the single blocks are cut apart; a kind's last unit may be shorter): one residual (the
 unit's output - input), one stability, one tensor `if` per unit. On CPU every `if` is a kernel graph of its
 own (README: AFCache), so this cuts the control flow and the bookkeeping by the unit size. "Block" above then
-reads "unit"; the budget still counts blocks: the least stable units run, as many as come nearest to k blocks.
+reads "unit"; the budget still counts blocks: the units run in order of stability, least stable first, while
+each brings the step's count of blocks nearer to k (the first that does not ends the list).
 The per-step strategy of every unit (0 ran, 1 + p forecast by predictor p) is returned as the signal and
 kept per block in the statistics (CacheStats.strategies), with the units' stabilities after each step
 (CacheStats.stability, which `python -m eval.calibrate_cache` turns into a threshold).

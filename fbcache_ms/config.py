@@ -80,6 +80,9 @@ class CacheConfig:
             raise ValueError(f"unknown cache method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.threshold is None:
             if self.method == "afcache" and self.calibration is not None:
+                if self.group_size != 1:
+                    raise ValueError("afcache's calibrated threshold was fitted per block: with group_size > 1 give "
+                                     "the threshold (or a budget)")
                 object.__setattr__(self, "threshold", calib.afcache_threshold(self.calibration))
             else:
                 object.__setattr__(self, "threshold", DEFAULT_THRESHOLDS.get(self.method, 0.0))
@@ -135,7 +138,7 @@ class CacheConfig:
             if not (isinstance(low_band, (int, float)) and 0.0 < low_band <= 1.0):
                 raise ValueError(f"low_band must be in (0, 1], got {low_band!r}")
             object.__setattr__(self, "low_band", float(low_band))
-        if not (isinstance(self.group_size, int) and self.group_size >= 1):
+        if not (isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1):
             raise ValueError(f"group_size must be an integer >= 1, got {self.group_size!r}")
         if self.group_size != 1 and self.method != "afcache":
             raise ValueError(f"group_size applies to afcache, not {self.method}")

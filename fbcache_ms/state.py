@@ -39,8 +39,8 @@ class NewtonClock(CacheState):
     update and forecast is one or two tensor ops (on a graph of 114 features the per-feature scalar
     arithmetic cost more than the forecasts themselves).
 
-    `groups`: that many independent clocks in one, each coefficient a [groups] vector (AFCache: one per block,
-    each advanced on the steps its block ran), so that their arithmetic is a handful of vector ops per step."""
+    `groups`: that many independent clocks in one, each coefficient a [groups] vector (AFCache: one per unit of
+    blocks, each advanced on the steps its unit ran), so that their arithmetic is a handful of vector ops per step."""
 
     def __init__(self, order, name="clock", groups=None):
         super().__init__()

@@ -25,7 +25,7 @@ def test_threshold_one_runs_every_block_and_is_the_uncached_model(dev_pipeline, 
     np.testing.assert_allclose(out.images, uncached, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("group_size", [1, 3])
+@pytest.mark.parametrize("group_size", [1, 2, 3])
 def test_reuse_everywhere_is_fora_on_the_stack(dev_pipeline, group_size):
     # budget 4/8: the full steps spend it all, so every other step forecasts every block by reuse; the
     # per-block (per-unit) residuals then add up to the stack's residual of the last full step
@@ -53,6 +53,8 @@ def test_afcache_matches_reference(torch_dev_pipeline, dev_pipeline, cache):
     assert strategies == reference_run.caches["cond"].strategies
     between = [c for i in (3, 4, 6, 7) for c in strategies[i]]  # the steps that are not full ones
     assert 0 in between and any(c > 0 for c in between)  # some blocks ran there, some were forecast
+    if cache.get("group_size") == 3:  # k = 2 blocks: the 3-block unit runs when it is the least stable
+        assert 3 in [sum(c == 0 for c in strategies[i]) for i in (3, 4, 6, 7)]
     assert rel_err(out.images, expected) < 1e-4
 
 
@@ -170,6 +172,8 @@ def test_thresholds_and_budgets_do_not_recompile(dev_pipeline):
     (dict(method="afcache", threshold=1.2), "threshold"),
     (dict(method="afcache", group_size=0), "group_size must be an integer >= 1"),
     (dict(method="teacache", group_size=2), "group_size applies to afcache"),
+    (dict(method="afcache", group_size=True), "group_size must be an integer"),
+    (dict(method="afcache", group_size=2, calibration="any.json"), "fitted per block"),
 ])
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -66,9 +66,8 @@ def test_afcache_profile_removes_its_parts(tiny_dev_checkpoint, tmp_path):
     profile_afcache.main(["--checkpoint", tiny_dev_checkpoint, "--height", "64", "--width", "64", "--text-tokens",
                           "16", "--steps", "3", "--rounds", "1", "--variants", "full,no-stability",
                           "--group-size", "2", "--json", str(out)])
-    data = json.loads(out.read_text())
-    assert data["args"]["group_size"] == 2
-    results = {r["variant"]: r for r in data["results"]}
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert all(r["cache"].endswith("units of 2 blocks)") for r in results.values())  # what the workers built
     assert results["full"]["stability_moved"] and not results["no-stability"]["stability_moved"]
     assert all(r["uncached_step_s"] > 0 and r["afcache_step_s"] > 0 for r in results.values())
 
@@ -97,18 +96,22 @@ def test_control_flow_profile_bad_variant(capsys):
 def test_compile_time_times_each_method_in_its_own_process(tiny_dev_checkpoint, tmp_path):
     out, table = tmp_path / "compile.json", tmp_path / "compile.md"
     compile_time.main(["--checkpoint", tiny_dev_checkpoint, "--height", "64", "--width", "64", "--text-tokens", "16",
-                       "--steps", "2", "--methods", "none,taylorseer", "--json", str(out), "--markdown", str(table)])
+                       "--steps", "2", "--methods", "none,afcache", "--group-size", "2", "--json", str(out),
+                       "--markdown", str(table)])
     results = json.loads(out.read_text())["results"]
-    assert [r["method"] for r in results] == ["none", "taylorseer"]
+    assert [r["method"] for r in results] == ["none", "afcache"]
+    assert results[1]["cache"].endswith("units of 2 blocks)")  # the worker built what it was given
     for r in results:
         assert len(r["steps_s"]) == 2 and r["compile_s"] == r["first_step_s"] - r["later_step_s"]
-    assert "| none |" in table.read_text() and "| taylorseer |" in table.read_text()
+    assert "| none |" in table.read_text() and "| afcache |" in table.read_text()
+    assert "AFCache in units of 2 blocks" in table.read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "none,deepcache"], "deepcache"),
     (["--steps", "1"], "--steps must be at least 2"),
     (["--checkpoint", "/nonexistent"], "has no transformer/ folder"),
+    (["--group-size", "0"], "--group-size at least 1"),
 ])
 def test_compile_time_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
