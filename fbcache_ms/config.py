@@ -49,7 +49,8 @@ class CacheConfig:
       order:     the highest Taylor order among the predictors (0 = reuse only)
       warmup, interval: the first `warmup` steps and every `interval`-th step after them run every block
       group_size: decide for this many consecutive blocks at once (one residual, stability and tensor `if`
-                 per unit; default 1: per block)
+                 per unit; default 1: per block). A calibration's threshold was fitted per block: with
+                 group_size > 1 give the threshold or a budget
     Fourier storage (fbcache, fbcache_taylorseer, taylorseer's residual variant):
       fourier_ratio: the cached image residual is kept as the low-frequency block of its 2-D FFT over the
                  token grid, |u|, v <= ratio x (grid / 2) (fourier.py); 1 stores it uncompressed
