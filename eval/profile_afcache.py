@@ -101,7 +101,8 @@ def main(argv=None):
                                "--text-tokens", str(args.text_tokens), "--steps", str(args.steps), "--rounds",
                                str(args.rounds), "--group-size", str(args.group_size)])
     print(f"\n{args.checkpoint or 'FLUX-proportioned random model'}, {args.height}x{args.width}, {args.text_tokens} "
-          f"text tokens, fp32, AFCache order 2 at threshold 1, units of {args.group_size} blocks, {args.rounds} rounds of {args.steps} steps\n")
+          f"text tokens, fp32, AFCache order 2 at threshold 1, units of {args.group_size} blocks, {args.rounds} "
+          f"rounds of {args.steps} steps\n")
     print("| variant | uncached step s | AFCache step s | overhead |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['variant']} | {r['uncached_step_s']:.3f} | {r['afcache_step_s']:.3f} | {r['overhead']:+.1%} |")

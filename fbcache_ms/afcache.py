@@ -161,9 +161,7 @@ class AFCache(CachePolicy):
         u = 0
         for (first, stop), state_h, state_e in zip(self.double_units, self.res_h, self.res_e):
             if run[u]:
-                h_new, e_new = h, e
-                for i in range(first, stop):
-                    h_new, e_new = t.transformer_blocks[i](h_new, e_new, temb, cos, sin)[:2]
+                h_new, e_new = t.run_blocks(h, e, temb, cos, sin, first, stop)
                 r_h, r_e = h_new - h, e_new - e
                 gram = self._gram((r_h, r_e), (state_h, state_e), [w[u] for w in weights])
                 s_u = [s[u] for s in scales]

@@ -12,7 +12,7 @@ class CacheStats:
     state_bytes: int = 0  # bytes of cache state held (all branches, the whole batch)
     tokens: dict = field(default_factory=dict)  # branch -> [image tokens through the stack per step] (FastCache)
     strategies: dict = field(default_factory=dict)  # branch -> [per step: per block 0 ran, 1 + p forecast] (AFCache)
-    stability: dict = field(default_factory=dict)  # branch -> [per step: per unit of blocks, per predictor, after it] (AFCache)
+    stability: dict = field(default_factory=dict)  # branch -> [per step: per unit, per predictor, after it] (AFCache)
 
     def record(self, branch, computed, blocks, change=None, tokens=None):
         self.computed.setdefault(branch, []).append(bool(computed))
