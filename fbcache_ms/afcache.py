@@ -6,15 +6,21 @@ block: the joint sequence), kept as Newton differences up to `order` (TaylorFeat
 block runs. Predictors p = 0 (reuse, FORA), 1 and 2 (Taylor forecasts) up to `order`.
 
 Stability s[b, p]: an EMA (0.9 old + 0.1 new, starting at 0.5) of the cosine similarity between block b's
-fresh residual and predictor p's forecast of it from the block's earlier runs. It is updated on the steps
-where the block runs and p has the history it needs, and kept across the steps of one call only (reset per
-call, one state per CFG branch). A block's best predictor is the one with the highest stability.
+fresh residual and predictor p's forecast of it from the block's earlier runs, per unit span. A forecast's
+error is its Newton remainder, proportional to the span prod_{i<=p} (step - s_i) over the steps s_0 > s_1 > ...
+the block last ran at (for reuse: the block's age); the cosine measured at span W is stored as cos(arccos(c) / W),
+and read back at this step's span W' as cos(min(pi, W' * arccos(s))): a block that has not run for a while is
+predicted less stable, and runs again (without the span, a stable block was frozen until the next refresh).
+The EMA is read without its start value's share (divided by 1 - 0.9^updates, as Adam corrects its moments), so
+blocks that ran more often are not favoured. It is updated on the steps where the block runs and p has the
+history it needs, and kept across the steps of one call only (reset per call, one state per CFG branch). A
+block's best predictor is the one with the highest predicted cosine at this step.
 
 Per step, decided before any block runs, from the stabilities so far:
 - warm-up steps and every `interval`-th step after them run every block (a global refresh that also
   updates every block's stability);
-- threshold mode: a block runs when its best stability is below `threshold` (1 runs everything);
-- budget mode: the k blocks with the lowest best stability run, k chosen on the host so that the blocks
+- threshold mode: a block runs when its best predicted cosine is below `threshold` (1 runs everything);
+- budget mode: the k blocks with the lowest best predicted cosine run, k chosen on the host so that the blocks
   run over the whole call come to `budget` of an uncached call (as close as the refresh steps allow);
 - a block that does not run adds its best predictor's forecast to its input.
 Each block's run is a tensor `if`: a block that does not run costs its forecast only.
@@ -27,7 +33,7 @@ reads "unit"; the budget still counts blocks: the units run in order of stabilit
 each brings the step's count of blocks nearer to k (the first that does not ends the list).
 The per-step strategy of every unit (0 ran, 1 + p forecast by predictor p) is returned as the signal and
 kept per block in the statistics (CacheStats.strategies), with the units' stabilities after each step
-(CacheStats.stability, which `python -m eval.calibrate_cache` turns into a threshold).
+(CacheStats.stability: the EMAs as stored, per unit span, start value included).
 """
 import math
 
@@ -68,6 +74,8 @@ class AFCache(CachePolicy):
         self.clock = NewtonClock(order, "af_clock", groups=self.n_units)
         # stability - START, so that the in-place reset (zeros) starts every unit at START
         self.stability = _buffer((self.n_units, order + 1), ms.float32, "af_stability")
+        # the EMA's weight on measured cosines, 1 - 0.9^updates: its start value's share is 1 - this
+        self.measured = _buffer((self.n_units, order + 1), ms.float32, "af_measured")
         self.unit_sizes = ms.Tensor(np.array(self.sizes, np.int32))
         self.gram = ops.MatMul(transpose_b=True)
         self.eye = ms.Tensor(np.eye(order + 2, dtype=np.float32))
@@ -101,9 +109,25 @@ class AFCache(CachePolicy):
         stats.stability.setdefault(branch, []).append((self.stability.asnumpy() + START).tolist())
 
     # ---------------------------------------------------------------- graph
-    def _decide(self, full, threshold, k):
-        """-> (run [units] bool, best predictor [units] float) from the stabilities so far."""
-        s = self.stability + START
+    def _spans(self, step):
+        """[units, order + 1]: predictor p's Newton remainder factor at `step`, prod_{i<=p} (step - s_i) over the
+        steps s_0 > s_1 > ... its unit last ran at (reuse: the unit's age), and whether p has that history."""
+        pos = self.clock.positions
+        span = step - pos[:, 0]
+        spans = [span]
+        for i in range(1, self.order + 1):
+            span = span * (step - pos[:, i])
+            spans.append(span)
+        valid = self.clock.count[:, None] > self.predictors[None, :]
+        return ops.select(valid, ops.stack(spans, axis=1), ops.ones_like(pos)), valid
+
+    def _decide(self, full, threshold, k, spans, valid):
+        """-> (run [units] bool, best predictor [units] float) from the stabilities so far, each extrapolated to
+        this step's span: the predicted cosine is cos(span * angle), the angle per unit span arccos(stability)."""
+        measured = self.measured > 0
+        mean = self.stability / ops.select(measured, self.measured, ops.ones_like(self.measured)) + START
+        angle = ops.acos(ops.clamp(mean, -1.0, 1.0)) * spans
+        s = ops.select(ops.logical_and(valid, measured), ops.cos(ops.minimum(angle, math.pi)), ops.full_like(angle, -2.0))
         best_s = s[:, 0]
         best_p = ops.zeros_like(best_s)
         for p in range(1, self.order + 1):
@@ -137,22 +161,27 @@ class AFCache(CachePolicy):
             gram = g if gram is None else gram + g
         return gram
 
-    def _stability_update(self, grams, run):
+    def _stability_update(self, grams, run, spans, valid):
         """EMA of cos(fresh, predictor p's forecast) for every unit that ran and every p with enough history,
         all units at once from their Gram matrices [units, order + 2, order + 2]."""
         last = self.order + 1
         norms = (grams * self.eye).sum(2)
         cosine = grams[:, :last, last] / (ops.sqrt(norms[:, :last] * norms[:, last:]) + EPS)
-        valid = ops.logical_and(self.clock.count[:, None] > self.predictors[None, :], run[:, None])
+        # the cosine per unit span: the angle measured at this step's span, divided by it
+        per_span = ops.cos(ops.acos(ops.clamp(cosine, -1.0, 1.0)) / spans)
+        valid = ops.logical_and(valid, run[:, None])
         old = self.stability
-        ops.assign(self.stability, ops.select(valid, EMA_KEEP * old + (1 - EMA_KEEP) * (cosine - START), old))
+        ops.assign(self.stability, ops.select(valid, EMA_KEEP * old + (1 - EMA_KEEP) * (per_span - START), old))
+        w = self.measured
+        ops.assign(self.measured, ops.select(valid, EMA_KEEP * w + (1 - EMA_KEEP), w))
 
     def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                   guidance, step, full, threshold, k):
         t = self.transformer
         h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                        img_ids, txt_ids, guidance)
-        run, best_p = self._decide(full, threshold, k)
+        spans, valid = self._spans(step)
+        run, best_p = self._decide(full, threshold, k, spans, valid)
         # every unit's Newton coefficients at once ([units] each); a unit reads its own entries
         weights = self.clock.forecast_weights(step)
         scales = self.clock.update_scales(step)
@@ -191,7 +220,7 @@ class AFCache(CachePolicy):
                 gram = self.no_gram
             grams.append(gram)
             u += 1
-        self._stability_update(ops.stack(grams), run)  # reads the clocks' counts before they advance
+        self._stability_update(ops.stack(grams), run, spans, valid)  # reads the clocks' counts before they advance
         self.clock.advance(step, run)
         codes = ops.select(run, ops.zeros_like(best_p), best_p + 1)
         return t.head(x[:, txt_len:], temb), run.all(), codes

@@ -128,23 +128,32 @@ def _cosine(a, b):
 def simulate_afcache(residuals, full, threshold, order, ema_keep, start):
     """AFCache's threshold rule on one block, open loop: residuals [steps, ...] are the block's fresh residuals
     in an uncached run (one call; the cosine pools everything, as the policy does), full [steps] the schedule's
-    full steps. The block runs on full steps and while its best stability is below `threshold`; otherwise it is
-    forecast by its most stable predictor from the steps it ran, and the cosine of that forecast with the fresh
-    residual is recorded. Open loop: the other blocks' forecast errors do not reach this block's input.
+    full steps. The block runs on full steps and while its best predicted cosine (its stability per unit span,
+    extrapolated to this step's span: afcache.py) is below `threshold`; otherwise it is forecast by that
+    predictor from the steps it ran, and the cosine of that forecast with the fresh residual is recorded.
+    Open loop: the other blocks' forecast errors do not reach this block's input.
     -> (decision steps, [cosine of each forecast], [ran, per step])."""
     history, stability, cosines, decisions, ran = NewtonHistory(order), np.full(order + 1, start), [], 0, []
+    measured = np.zeros(order + 1)  # the EMA's weight on measured cosines
     for i, r in enumerate(residuals):
         r = np.asarray(r, np.float64).ravel()
-        best = int(np.argmax(stability))  # ties: the lower order, as the policy
-        decisions += not full[i]
         forecasts = history.forecasts(i)
-        ran.append(bool(full[i] or threshold >= 1.0 or stability[best] < threshold))
+        n = len(forecasts)
+        spans = np.cumprod([i - s for s in history.positions])[:n]
+        w = measured[:n]
+        mean = (stability[:n] - start * (1 - w)) / np.where(w > 0, w, 1.0)
+        predicted = np.where(w > 0, np.cos(np.minimum(np.arccos(np.clip(mean, -1.0, 1.0)) * spans, np.pi)), -2.0)
+        best = int(np.argmax(predicted)) if n else 0  # ties: the lower order, as the policy
+        decisions += not full[i]
+        ran.append(bool(full[i] or threshold >= 1.0 or not n or predicted[best] < threshold))
         if ran[-1]:
-            for p, f in enumerate(forecasts):
-                stability[p] = ema_keep * stability[p] + (1 - ema_keep) * _cosine(f, r)
+            for p, (f, span) in enumerate(zip(forecasts, spans)):
+                per_span = np.cos(np.arccos(np.clip(_cosine(f, r), -1.0, 1.0)) / span)
+                stability[p] = ema_keep * stability[p] + (1 - ema_keep) * per_span
+                measured[p] = ema_keep * measured[p] + (1 - ema_keep)
             history.update(r, i)
         else:
-            cosines.append(_cosine(forecasts[min(best, len(forecasts) - 1)], r))
+            cosines.append(_cosine(forecasts[best], r))
     return decisions, cosines, ran
 
 

@@ -42,7 +42,8 @@ class CacheConfig:
       alpha:     level of the chi-square test: a step is reused when its change is not significant at alpha
       motion_ratio: fraction of image tokens that run on a computed step (the most changed); 1 = all
     AFCache (afcache.py): per block and step, run or forecast the block's residual by its most stable predictor
-      threshold: a block runs when its best stability (EMA of cosine similarity) is below this (1 = all run;
+      threshold: a block runs when its best stability (EMA of cosine similarity, extrapolated to the steps since
+                 the block last ran) is below this (1 = all run;
                  default: the calibration's afcache.threshold when `calibration` is given, else 0.8)
       budget:    instead of threshold: the fraction of an uncached call's blocks to run, spent on the least
                  stable blocks (None: threshold mode)

@@ -226,11 +226,25 @@ class ReferenceCache:
         self.residual, self.prev_h = hf - h, x
         return flux.head(hf, temb), True
 
+    def _afcache_spans(self, u, step):
+        """Per predictor p of unit u: prod over the last p + 1 steps it ran of (step - that step), or None."""
+        ran = [s for s, _ in self.history.get(("h", u), [])][::-1]  # newest first
+        return [math.prod(step - s for s in ran[:p + 1]) if len(ran) > p else None for p in range(self.order + 1)]
+
     def _afcache_runs(self, step, sizes):
-        """Which units run at `step`, and each unit's best predictor, from the stabilities so far."""
+        """Which units run at `step`, and each unit's best predictor: the stabilities so far, read as cosines per
+        unit span and extrapolated to this step's spans."""
         n = len(sizes)
-        best_p = np.argmax(self.stability, 1)  # the first of equal stabilities: the lower order
-        best_s = self.stability[np.arange(n), best_p]
+        predicted = np.full((n, self.order + 1), -2.0)
+        for u in range(n):
+            for p, span in enumerate(self._afcache_spans(u, step)):
+                w = 1 - 0.9 ** self.updates[u, p]  # the EMA's weight on measured cosines
+                if span is not None and w > 0:
+                    mean = (self.stability[u, p] - 0.5 * (1 - w)) / w
+                    angle = math.acos(min(1.0, max(-1.0, mean))) * span
+                    predicted[u, p] = math.cos(min(angle, math.pi))
+        best_p = np.argmax(predicted, 1)  # the first of equal predictions: the lower order
+        best_s = predicted[np.arange(n), best_p]
         if self.is_full(step) or (self.budget is None and self.threshold >= 1):
             return np.ones(n, bool), best_p
         if self.budget is None:
@@ -253,19 +267,22 @@ class ReferenceCache:
         sizes = [b - a for a, b in units]
         if self.stability is None:
             self.stability = np.full((len(units), self.order + 1), 0.5)
+            self.updates = np.zeros((len(units), self.order + 1), int)
         run, best_p = self._afcache_runs(step, sizes)
         for u, (first, stop) in enumerate(units):
             keys = (("h", u), ("e", u))
             if run[u]:
                 new_h, new_e = flux.blocks(first, stop, h, e, temb, rope)
                 fresh = (new_h - h, new_e - e)
-                for p in range(self.order + 1):
-                    if len(self.history.get(keys[0], [])) > p:
+                for p, span in enumerate(self._afcache_spans(u, step)):
+                    if span is not None:
                         pairs = [(newton_forecast(self.history[k], step, p), r.double().numpy())
                                  for k, r in zip(keys, fresh)]
                         dot = sum((f * r).sum() for f, r in pairs)
                         norms = sum((f * f).sum() for f, _ in pairs) * sum((r * r).sum() for _, r in pairs)
-                        self.stability[u, p] = 0.9 * self.stability[u, p] + 0.1 * dot / math.sqrt(norms)
+                        per_span = math.cos(math.acos(min(1.0, max(-1.0, dot / math.sqrt(norms)))) / span)
+                        self.stability[u, p] = 0.9 * self.stability[u, p] + 0.1 * per_span
+                        self.updates[u, p] += 1
                 for k, r in zip(keys, fresh):
                     self._remember(k, step, r)
                 h, e = new_h, new_e
