@@ -112,14 +112,9 @@ class AFCache(CachePolicy):
     def _spans(self, step):
         """[units, order + 1]: predictor p's Newton remainder factor at `step`, prod_{i<=p} (step - s_i) over the
         steps s_0 > s_1 > ... its unit last ran at (reuse: the unit's age), and whether p has that history."""
-        pos = self.clock.positions
-        span = step - pos[:, 0]
-        spans = [span]
-        for i in range(1, self.order + 1):
-            span = span * (step - pos[:, i])
-            spans.append(span)
+        spans = ops.stack(self.clock.spans(step, self.order + 1), axis=1)
         valid = self.clock.count[:, None] > self.predictors[None, :]
-        return ops.select(valid, ops.stack(spans, axis=1), ops.ones_like(pos)), valid
+        return ops.select(valid, spans, ops.ones_like(spans)), valid
 
     def _decide(self, full, threshold, k, spans, valid):
         """-> (run [units] bool, best predictor [units] float) from the stabilities so far, each extrapolated to
@@ -127,7 +122,8 @@ class AFCache(CachePolicy):
         measured = self.measured > 0
         mean = self.stability / ops.select(measured, self.measured, ops.ones_like(self.measured)) + START
         angle = ops.acos(ops.clamp(mean, -1.0, 1.0)) * spans
-        s = ops.select(ops.logical_and(valid, measured), ops.cos(ops.minimum(angle, math.pi)), ops.full_like(angle, -2.0))
+        s = ops.select(ops.logical_and(valid, measured), ops.cos(ops.minimum(angle, math.pi)),
+                       ops.full_like(angle, -2.0))
         best_s = s[:, 0]
         best_p = ops.zeros_like(best_s)
         for p in range(1, self.order + 1):

@@ -111,13 +111,16 @@ class NewtonHistory:
             new.append((new[i] - self.diffs[i]) / (step - self.positions[i]))
         self.diffs, self.positions = new, ([step] + self.positions)[:self.order + 1]
 
+    def spans(self, step):
+        """prod_{i<p} (step - s_i) for p = 1..(positions kept): the weight of the order-p term, and the size of the
+        order-(p-1) forecast's Newton remainder."""
+        return list(np.cumprod([step - s for s in self.positions]))
+
     def forecasts(self, step):
         """The forecast at `step` by each predictor p = 0 .. (terms with history) - 1: each adds one term."""
-        out, weight = [], 1.0
-        for p, d in enumerate(self.diffs):
-            if p:
-                weight *= step - self.positions[p - 1]
-            out.append(d if p == 0 else out[-1] + d * weight)
+        out = []
+        for d, weight in zip(self.diffs, [1.0] + self.spans(step)):
+            out.append(d if not out else out[-1] + d * weight)
         return out
 
 
@@ -139,7 +142,7 @@ def simulate_afcache(residuals, full, threshold, order, ema_keep, start):
         r = np.asarray(r, np.float64).ravel()
         forecasts = history.forecasts(i)
         n = len(forecasts)
-        spans = np.cumprod([i - s for s in history.positions])[:n]
+        spans = np.asarray(history.spans(i))[:n]
         w = measured[:n]
         mean = (stability[:n] - start * (1 - w)) / np.where(w > 0, w, 1.0)
         predicted = np.where(w > 0, np.cos(np.minimum(np.arccos(np.clip(mean, -1.0, 1.0)) * spans, np.pi)), -2.0)

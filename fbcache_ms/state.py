@@ -71,15 +71,20 @@ class NewtonClock(CacheState):
         ops.assign(self.positions, positions)
         ops.assign(self.count, count)
 
+    def spans(self, step, n):
+        """prod_{i<p} (step - s_i) for p = 1..n (n <= order + 1), with no validity mask: the weight of the order-p
+        term, and the size of the order-(p-1) forecast's Newton remainder."""
+        out, w = [], None
+        for p in range(n):
+            d = step - self._position(p)
+            w = d if w is None else w * d
+            out.append(w)
+        return out
+
     def forecast_weights(self, step):
         """Weight of the order-p term, p = 1..order: prod_{i<p} (step - s_i), 0 while difference p lacks its
         history."""
-        weights, w = [], None
-        for p in range(1, self.order + 1):
-            d = step - self._position(p - 1)
-            w = d if w is None else w * d
-            weights.append(w * (self.count > p).astype(ms.float32))
-        return weights
+        return [w * (self.count > p).astype(ms.float32) for p, w in enumerate(self.spans(step, self.order), 1)]
 
 
 class TaylorFeature(CacheState):

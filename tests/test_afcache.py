@@ -44,7 +44,8 @@ def test_reuse_everywhere_is_fora_on_the_stack(dev_pipeline, group_size):
                                    dict(budget=0.6, order=2),
                                    # units of 2: (double 0-1), (single 2-3), (single 4); of 3: (double 0-1), (single 2-4):
                                    # 2 blocks a step are then nearest by running the 3 when it is the least stable
-                                   dict(threshold=0.95, order=1, group_size=2), dict(budget=0.7, order=2, group_size=3)])
+                                   dict(threshold=0.95, order=1, group_size=2),
+                                   dict(budget=0.7, order=2, group_size=3)])
 def test_afcache_matches_reference(torch_dev_pipeline, dev_pipeline, cache):
     """Decisions, stabilities and latents against a torch reference on diffusers' blocks (tests/reference_cache.py)."""
     kw = dict(cache, **SCHEDULE)
