@@ -1,9 +1,12 @@
 """Equal-compute settings: for each target fraction of blocks run (of an uncached call), the setting of every
 method that comes closest, found on calibration prompts (training captions, never the held-out set):
-- TaylorSeer (per_module and residual): the (warmup, interval) schedule whose full steps come closest
-  (exact arithmetic, no run needed);
-- AFCache: budget = the target, on its own schedule (--afcache-warmup, --afcache-interval); and, where the
-  calibration has one, AFCache at its calibrated threshold (not matched: its fraction is what it is);
+- TaylorSeer (per_module and residual, order 1) and FORA (TaylorSeer residual at order 0: the stack's residual
+  reused as stored): the (warmup, interval) schedule whose full steps come closest (exact arithmetic, no run
+  needed). FORA is AFCache's reuse spent on whole steps instead of on blocks;
+- AFCache: budget = the target, on its own schedule (--afcache-warmup, --afcache-interval) with predictors up to
+  --afcache-order (default 0, reuse only: on the embedded model its Taylor forecasts cost quality wherever they
+  are chosen; README); and, where the calibration has one, AFCache at its calibrated threshold and order (not
+  matched: its fraction is what it is);
 - FBCache, TeaCache (the model's own calibration) and FastCache (motion ratio 1 and 0.5): the blocks each
   ran over a threshold sweep on the calibration batch, interpolated (in log threshold) to each target. A
   target outside a method's sweep is left out for that method, and said so.
@@ -47,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--afcache-warmup", type=int, default=3, help="AFCache full steps at the start (default 3)")
     p.add_argument("--afcache-interval", type=int, default=10,
                    help="AFCache: a full step every N steps after the warm-up (default 10)")
+    p.add_argument("--afcache-order", type=int, default=0, choices=(0, 1, 2),
+                   help="AFCache's highest predictor: 0 reuse only, 1 and 2 add Taylor forecasts (default 0)")
     args = p.parse_args(argv)
     if not args.out.endswith(".json"):
         p.error(f"--out must name a .json file, got {args.out!r}")
@@ -155,12 +160,14 @@ def main(argv=None):
     settings, missing = {}, []
     for target in args.fractions:
         tag = f"{target:g}"
-        settings[f"afcache-b{tag}"] = dict(method="afcache", budget=target, order=2, warmup=args.afcache_warmup,
-                                           interval=args.afcache_interval)
+        settings[f"afcache-b{tag}"] = dict(method="afcache", budget=target, order=args.afcache_order,
+                                           warmup=args.afcache_warmup, interval=args.afcache_interval)
         warmup, interval, got = taylorseer_schedule(target, args.steps)
         for variant in ("per_module", "residual"):
             settings[f"taylorseer-{variant}-b{tag}"] = dict(method="taylorseer", order=1, warmup=warmup,
                                                             interval=interval, variant=variant)
+        settings[f"fora-b{tag}"] = dict(method="taylorseer", order=0, warmup=warmup, interval=interval,
+                                        variant="residual")
         for name, pts in points.items():
             th = threshold_for(target, pts["thresholds"], pts["fractions"])
             if th is None:

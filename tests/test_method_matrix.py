@@ -67,15 +67,17 @@ def test_match_compute_writes_equal_compute_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(match_compute, "SWEEPS", {"fbcache": (dict(method="fbcache"), [1e-6, 1.0])})
     out = tmp_path / "equal.json"
     assert match_compute.main(["--out", str(out), "--fractions", "0.6", "--prompts", "2", "--batch-size", "2",
-                               "--steps", "4", "--afcache-warmup", "1", "--afcache-interval", "4"]) == 0
+                               "--steps", "4", "--afcache-warmup", "1", "--afcache-interval", "4",
+                               "--afcache-order", "1"]) == 0
     settings = json.loads(out.read_text())
     sweeps = json.loads((tmp_path / "equal_sweeps.json").read_text())["fbcache"]["fractions"]
     assert sweeps[0] == pytest.approx(1.0) and sweeps[1] < 0.6  # block 0 still runs on a reused step
     assert 1e-6 < settings["fbcache-b0.6"]["threshold"] < 1.0
-    assert settings["afcache-b0.6"]["budget"] == 0.6
+    assert (settings["afcache-b0.6"]["budget"], settings["afcache-b0.6"]["order"]) == (0.6, 1)
     # 4 steps: 2 full steps (0.5) are nearer 0.6 than 3; warm-up 1 and every 3rd step after it: steps 0 and 1
     ts = settings["taylorseer-residual-b0.6"]
     assert (ts["warmup"], ts["interval"]) == (1, 3) and match_compute.taylorseer_schedule(0.6, 4) == (1, 3, 0.5)
+    assert settings["fora-b0.6"] == dict(ts, order=0)
     assert (tmp_path / "equal_sweeps.png").stat().st_size > 0
 
 
