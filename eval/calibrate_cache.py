@@ -5,14 +5,15 @@
 - AFCache: every block's residual at every step; its threshold rule (default schedule, order 2) is replayed per
   block at each threshold of a grid, open loop (the block forecasts from the steps it ran, its stability
   updates when it runs), and the threshold is the lowest at and above which the forecasts miss --target-cosine
-  in at most --tolerance of cases.
+  in at most --tolerance of cases; the same again for units of --group-sizes blocks (AFCache's group_size: a
+  unit's residual is the sum of its blocks'), each with its own threshold.
 Writes one JSON file (load it with --calibration FILE or CacheConfig(calibration=FILE)) and a plot of the fits
 beside it.
 
 The prompts are drawn from the training distribution, never from the held-out evaluation set, so nothing is
 tuned on the prompts the benchmarks score.
 
-  python -m eval.calibrate_cache --out fbcache_ms/calibrations/trained-tiny-flux-shapes.json
+  python -m eval.calibrate_cache --out fbcache_ms/calibrations/trained-tiny-flux-shapes.json --group-sizes 2 4 8 16
 """
 import argparse
 import os
@@ -37,6 +38,9 @@ def parse_args(argv=None):
                         "(default 0.98)")
     p.add_argument("--tolerance", type=float, default=0.1,
                    help="AFCache: fraction of allowed forecasts that may miss --target-cosine (default 0.1)")
+    p.add_argument("--group-sizes", type=int, nargs="*", default=[2, 4], metavar="N",
+                   help="AFCache: also fit the threshold for units of N blocks (group_size N), each N >= 2 "
+                        "(default 2 4; per block is always fitted; none: per block only)")
     p.add_argument("--batch-size", type=int, default=25,
                    help="AFCache: prompts per call; its cosine pools the call, as in generation (default 25, "
                         "benchmark_quality's)")
@@ -45,6 +49,9 @@ def parse_args(argv=None):
         p.error(f"--target-cosine must be in (0, 1), got {args.target_cosine}")
     if not 0.0 <= args.tolerance < 1.0:
         p.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if any(g < 2 for g in args.group_sizes):
+        p.error(f"--group-sizes must be at least 2 each (per block is always fitted), got {args.group_sizes}")
+    args.group_sizes = sorted(set(args.group_sizes))
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if not 1 <= args.prompts <= 1024:
@@ -73,41 +80,49 @@ def parse_args(argv=None):
 AFCACHE_THRESHOLDS = np.round(np.arange(0.30, 1.0001, 0.02), 2)
 
 
-def afcache_calibration(pipe, prompts, steps, batch_size, cache, thresholds=AFCACHE_THRESHOLDS, **size):
-    """AFCache's threshold rule simulated per block (fbcache_ms.calibration.simulate_afcache) on every block's
-    residuals of uncached runs, at each threshold. -> (decisions [thresholds], forecast cosines [thresholds][])."""
+def afcache_calibration(pipe, prompts, steps, batch_size, cache, thresholds=AFCACHE_THRESHOLDS, group_sizes=(1,),
+                        **size):
+    """AFCache's threshold rule simulated per block, and per unit of each of `group_sizes` blocks
+    (fbcache_ms.calibration.simulate_afcache), on the residuals of uncached runs, at each threshold.
+    -> {group size: (decisions [thresholds], forecast cosines [thresholds][])}."""
     from eval.cache_signals import uncached_trajectory
     from eval.probes import probe_cell, read_block_residuals
-    from fbcache_ms.afcache import EMA_KEEP, START
-    from fbcache_ms.calibration import simulate_afcache
+    from fbcache_ms.afcache import EMA_KEEP, START, stack_units
+    from fbcache_ms.calibration import simulate_afcache, unit_residuals
 
+    cfg = pipe.transformer.config
     full = [cache.is_full_step(i) for i in range(steps)]
     probe = probe_cell(pipe.transformer, read_block_residuals)
-    decisions, cosines = np.zeros(len(thresholds), int), [[] for _ in thresholds]
+    out = {g: (np.zeros(len(thresholds), int), [[] for _ in thresholds]) for g in group_sizes}
     for start in range(0, len(prompts), batch_size):
         residuals = np.stack([r for _, _, (r,) in uncached_trajectory(pipe, prompts[start:start + batch_size], steps,
                                                                    probe, **size)])  # [steps, blocks, B, T, D]
-        for b in range(residuals.shape[1]):
-            for k, threshold in enumerate(thresholds):
-                d, c, _ = simulate_afcache(residuals[:, b], full, threshold, cache.order, EMA_KEEP, START)
-                decisions[k] += d
-                cosines[k] += c
-    return decisions, cosines
+        for g, (decisions, cosines) in out.items():
+            unit = residuals if g == 1 else \
+                unit_residuals(residuals, stack_units(cfg.num_layers, cfg.num_single_layers, g))
+            for b in range(unit.shape[1]):
+                for k, threshold in enumerate(thresholds):
+                    d, c, _ = simulate_afcache(unit[:, b], full, threshold, cache.order, EMA_KEEP, START)
+                    decisions[k] += d
+                    cosines[k] += c
+    return out
 
 
-def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=25):
+def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=25, group_sizes=()):
     """-> (calibration dict, signals) from uncached runs of `prompts`."""
     from eval.cache_signals import record_signals
     from fbcache_ms import calibration as calib
     from fbcache_ms.config import CacheConfig
 
     cache = CacheConfig("afcache", order=2)  # its default schedule: the one `--calibration` alone runs
-    decisions, cosines = afcache_calibration(pipe, prompts, steps, batch_size, cache)
-    threshold, fraction, missed = calib.fit_afcache_threshold(AFCACHE_THRESHOLDS, decisions, cosines,
-                                                              target_cosine, tolerance)
+    replays = afcache_calibration(pipe, prompts, steps, batch_size, cache, group_sizes=(1, *group_sizes))
+    fits = {g: calib.fit_afcache_threshold(AFCACHE_THRESHOLDS, d, c, target_cosine, tolerance)
+            for g, (d, c) in replays.items()}
+    decisions, cosines = replays[1]
+    threshold, fraction, missed = fits[1]
     sig = record_signals(pipe, prompts, steps)
-    sig["afcache_miss"] = calib.miss_rates(cosines, target_cosine)
-    sig["afcache_forecast"] = [len(c) / max(d, 1) for c, d in zip(cosines, decisions)]
+    sig["afcache_miss"] = {g: calib.miss_rates(c, target_cosine) for g, (_, c) in replays.items()}
+    sig["afcache_forecast"] = {g: [len(c) / max(d, 1) for c, d in zip(cs, ds)] for g, (ds, cs) in replays.items()}
     coefficients, r2 = calib.fit_teacache(sig["teacache"], sig["output"])
     data = {"steps": steps, "prompts": len(prompts),
             "teacache": {"coefficients": coefficients, "r2": r2, "points": int(sig["teacache"].size),
@@ -117,7 +132,10 @@ def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_siz
             "afcache": {"threshold": threshold, "target_cosine": target_cosine, "tolerance": tolerance,
                         "forecast_fraction": fraction, "miss_rate": missed, "order": cache.order,
                         "warmup": cache.warmup, "interval": cache.interval, "batch_size": batch_size,
-                        "decisions": int(decisions[0])}}
+                        "decisions": int(decisions[0]),
+                        "by_group_size": {str(g): {"threshold": t, "forecast_fraction": f, "miss_rate": m,
+                                                   "decisions": int(replays[g][0][0])}
+                                          for g, (t, f, m) in fits.items() if g > 1}}}
     return data, sig
 
 
@@ -158,16 +176,20 @@ def plot(data, sig, path):
     ax.legend()
     ax = axes[3]
     af = data["afcache"]
-    ax.plot(AFCACHE_THRESHOLDS, sig["afcache_forecast"], "o-", ms=3, label="block decisions forecast")
-    ax.plot(AFCACHE_THRESHOLDS, sig["afcache_miss"], "o-", ms=3,
-            label=f"forecasts below cosine {af['target_cosine']:g}")
-    ax.axhline(af["tolerance"], color="C2", ls="--", label=f"tolerance {af['tolerance']:g}")
-    ax.axvline(af["threshold"], color="C3", label=f"threshold {af['threshold']:.2f}: forecasts "
-                                                   f"{af['forecast_fraction']:.0%}, {af['miss_rate']:.0%} miss")
-    ax.set_xlabel("stability threshold (the rule replayed per block)")
+    fits = {1: af, **{int(g): e for g, e in af["by_group_size"].items()}}
+    for colour, (g, fit) in enumerate(sorted(fits.items())):
+        ax.plot(AFCACHE_THRESHOLDS, sig["afcache_forecast"][g], "-", color=f"C{colour}",
+                label=f"{'per block' if g == 1 else f'units of {g}'}: threshold {fit['threshold']:.2f}, forecasts "
+                      f"{fit['forecast_fraction']:.0%}, {fit['miss_rate']:.0%} miss")
+        ax.plot(AFCACHE_THRESHOLDS, sig["afcache_miss"][g], "--", color=f"C{colour}")
+        ax.axvline(fit["threshold"], color=f"C{colour}", lw=0.8)
+    ax.plot([], [], "k-", label="solid: decisions forecast")
+    ax.plot([], [], "k--", label=f"dashed: forecasts below cosine {af['target_cosine']:g}")
+    ax.axhline(af["tolerance"], color="k", ls=":", label=f"tolerance {af['tolerance']:g}")
+    ax.set_xlabel("stability threshold (the rule replayed per block / unit)")
     ax.set_ylabel("fraction")
     ax.set_title(f"AFCache threshold (order {af['order']}, warm-up {af['warmup']}, interval {af['interval']})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -179,7 +201,8 @@ def main(argv=None):
     from pipelines.flux_pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(args.checkpoint)
-    data, sig = calibrate(pipe, args.prompt_list, args.steps, args.target_cosine, args.tolerance, args.batch_size)
+    data, sig = calibrate(pipe, args.prompt_list, args.steps, args.target_cosine, args.tolerance, args.batch_size,
+                          args.group_sizes)
     data = {"model": os.path.basename(os.path.normpath(args.checkpoint)),
             "source": f"python -m eval.calibrate_cache: {len(args.prompt_list)} prompts, {args.steps} steps", **data}
     save_calibration(args.out, data)
@@ -189,7 +212,9 @@ def main(argv=None):
           f"{data['teacache']['points']} points; MagCache ratios "
           f"{min(data['magcache']['ratios']):.3f}..{max(data['magcache']['ratios']):.3f}; AFCache threshold "
           f"{data['afcache']['threshold']:.3f} (forecasts {data['afcache']['forecast_fraction']:.0%} of block "
-          f"decisions, {data['afcache']['miss_rate']:.0%} below cosine {data['afcache']['target_cosine']:g})")
+          f"decisions, {data['afcache']['miss_rate']:.0%} below cosine {data['afcache']['target_cosine']:g})"
+          + "".join(f"; in units of {g}: {e['threshold']:.3f} (forecasts {e['forecast_fraction']:.0%})"
+                    for g, e in data["afcache"]["by_group_size"].items()))
     return 0
 
 

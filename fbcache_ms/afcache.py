@@ -54,6 +54,12 @@ def units(n, size):
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
+def stack_units(num_double, num_single, size):
+    """(first, stop) of every unit over the whole stack, double blocks first, single blocks numbered after them:
+    the two kinds are cut apart."""
+    return units(num_double, size) + [(num_double + a, num_double + b) for a, b in units(num_single, size)]
+
+
 class AFCache(CachePolicy):
     def __init__(self, transformer, batch, image_tokens, text_tokens, order, group_size=1):
         super().__init__(transformer)
@@ -63,9 +69,10 @@ class AFCache(CachePolicy):
         self.n_blocks = transformer.num_blocks
         self.double_units = units(cfg.num_layers, group_size)
         self.single_units = units(cfg.num_single_layers, group_size)
-        self.sizes = [b - a for a, b in self.double_units + self.single_units]  # blocks per unit
+        self.sizes = [b - a for a, b in stack_units(cfg.num_layers, cfg.num_single_layers, group_size)]
         self.n_units = len(self.sizes)
-        img, txt, joint = (batch, image_tokens, dim), (batch, text_tokens, dim), (batch, text_tokens + image_tokens, dim)
+        img, txt = (batch, image_tokens, dim), (batch, text_tokens, dim)
+        joint = (batch, text_tokens + image_tokens, dim)
         n_double, n_single = len(self.double_units), len(self.single_units)
         self.res_h = nn.CellList([TaylorFeature(img, dtype, order, f"af_h{i}") for i in range(n_double)])
         self.res_e = nn.CellList([TaylorFeature(txt, dtype, order, f"af_e{i}") for i in range(n_double)])

@@ -5,7 +5,11 @@ CacheConfig).
   {"model": ..., "steps": 28, "source": ...,
    "teacache": {"coefficients": [c4, c3, c2, c1, c0], "r2": ..., "points": ...},
    "magcache": {"ratios": [1.0, gamma_1, ..., gamma_27]},
-   "afcache": {"threshold": ..., "target_cosine": ..., "tolerance": ..., "forecast_fraction": ...}}
+   "afcache": {"threshold": ..., "target_cosine": ..., "tolerance": ..., "forecast_fraction": ...,
+               "by_group_size": {"4": {"threshold": ..., "forecast_fraction": ..., "miss_rate": ...}, ...}}}
+
+afcache.threshold is fitted per block (group_size 1); by_group_size holds the thresholds fitted for units of
+blocks (AFCache's group_size > 1: one residual and one stability per unit), replayed on the units' residuals.
 """
 import functools
 import json
@@ -47,17 +51,36 @@ def load_calibration(path):
     if ratios is not None and not (isinstance(ratios, list) and len(ratios) >= 2
                                    and all(np.isfinite(r) and r > 0 for r in ratios)):
         raise CalibrationError(f"calibration file {path!r}: magcache.ratios must be at least 2 positive numbers")
-    threshold = data.get("afcache", {}).get("threshold")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
-        raise CalibrationError(f"calibration file {path!r}: afcache.threshold must be a number in [0, 1]")
+    af = data.get("afcache", {})
+    by_size = af.get("by_group_size", {})
+    if not (isinstance(by_size, dict) and all(g.isdigit() and int(g) >= 2 and isinstance(e, dict)
+                                              for g, e in by_size.items())):
+        raise CalibrationError(f"calibration file {path!r}: afcache.by_group_size must map group sizes >= 2 to "
+                               "objects")
+    for where, entry in [("afcache", af)] + [(f"afcache.by_group_size.{g}", e) for g, e in by_size.items()]:
+        threshold = entry.get("threshold")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+            raise CalibrationError(f"calibration file {path!r}: {where}.threshold must be a number in [0, 1]")
     return data
 
 
-def afcache_threshold(path):
-    threshold = load_calibration(path).get("afcache", {}).get("threshold")
+def afcache_threshold(path, group_size=1):
+    """The calibrated threshold for AFCache per block (group_size 1) or in units of `group_size` blocks."""
+    af = load_calibration(path).get("afcache", {})
+    entry = af if group_size == 1 else af.get("by_group_size", {}).get(str(group_size), {})
+    threshold = entry.get("threshold")
     if threshold is None:
-        raise CalibrationError(f"calibration file {path!r} has no afcache.threshold")
+        what = "afcache.threshold" if group_size == 1 else \
+            f"afcache threshold for units of {group_size} blocks (python -m eval.calibrate_cache --group-sizes)"
+        raise CalibrationError(f"calibration file {path!r} has no {what}")
     return float(threshold)
+
+
+def unit_residuals(residuals, bounds):
+    """[steps, blocks, ...] residuals of every block -> [steps, units, ...] for units given as (first, stop) block
+    indices: a unit's residual (its output - input) is the sum of its blocks' residuals."""
+    residuals = np.asarray(residuals)
+    return np.stack([residuals[:, a:b].sum(axis=1) for a, b in bounds], axis=1)
 
 
 def teacache_coefficients(path):

@@ -50,8 +50,8 @@ class CacheConfig:
       order:     the highest Taylor order among the predictors (0 = reuse only)
       warmup, interval: the first `warmup` steps and every `interval`-th step after them run every block
       group_size: decide for this many consecutive blocks at once (one residual, stability and tensor `if`
-                 per unit; default 1: per block). A calibration's threshold was fitted per block: with
-                 group_size > 1 give the threshold or a budget
+                 per unit; default 1: per block). A calibration's threshold is the one fitted for this
+                 group_size (eval.calibrate_cache --group-sizes)
     Fourier storage (fbcache, fbcache_taylorseer, taylorseer's residual variant):
       fourier_ratio: the cached image residual is kept as the low-frequency block of its 2-D FFT over the
                  token grid, |u|, v <= ratio x (grid / 2) (fourier.py); 1 stores it uncompressed
@@ -80,12 +80,13 @@ class CacheConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown cache method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not (isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1):
+            raise ValueError(f"group_size must be an integer >= 1, got {self.group_size!r}")
+        if self.group_size != 1 and self.method != "afcache":
+            raise ValueError(f"group_size applies to afcache, not {self.method}")
         if self.threshold is None:
             if self.method == "afcache" and self.calibration is not None:
-                if self.group_size != 1:
-                    raise ValueError("afcache's calibrated threshold was fitted per block: with group_size > 1 give "
-                                     "the threshold (or a budget)")
-                object.__setattr__(self, "threshold", calib.afcache_threshold(self.calibration))
+                object.__setattr__(self, "threshold", calib.afcache_threshold(self.calibration, self.group_size))
             else:
                 object.__setattr__(self, "threshold", DEFAULT_THRESHOLDS.get(self.method, 0.0))
         limit = 1.0 if self.uses_fbcache or self.method in ("none", "afcache") else math.inf
@@ -140,10 +141,6 @@ class CacheConfig:
             if not (isinstance(low_band, (int, float)) and 0.0 < low_band <= 1.0):
                 raise ValueError(f"low_band must be in (0, 1], got {low_band!r}")
             object.__setattr__(self, "low_band", float(low_band))
-        if not (isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1):
-            raise ValueError(f"group_size must be an integer >= 1, got {self.group_size!r}")
-        if self.group_size != 1 and self.method != "afcache":
-            raise ValueError(f"group_size applies to afcache, not {self.method}")
         if self.method == "afcache" and self.order > 2:
             raise ValueError(f"afcache forecasts with Taylor order 0, 1 or 2, got order {self.order}")
         if not math.isfinite(self.threshold):

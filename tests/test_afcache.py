@@ -82,50 +82,73 @@ def test_newton_history_is_the_reference_forecast():
             np.testing.assert_allclose(forecast, newton_forecast(points, 9, p), rtol=1e-12)
 
 
-def test_calibration_replays_the_policy_and_fits_a_threshold(dev_pipeline, tmp_path):
-    """Open-loop replay of the threshold rule on the uncached residuals: on the first decision step nothing has
-    been forecast yet, so the replay must pick exactly the blocks the policy picks."""
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_calibration_replays_the_policy_and_fits_a_threshold(dev_pipeline, tmp_path, group_size):
+    """Open-loop replay of the threshold rule on the uncached residuals (of blocks, or summed over units): on the
+    first decision step nothing has been forecast yet, so the replay must pick exactly the units the policy picks."""
     from eval.cache_signals import uncached_trajectory
     from eval.calibrate_cache import afcache_calibration
     from eval.probes import probe_cell, read_block_residuals
     from fbcache_ms import calibration as calib
-    from fbcache_ms.afcache import EMA_KEEP, START
+    from fbcache_ms.afcache import EMA_KEEP, START, stack_units
 
     cache = CacheConfig("afcache", order=2, threshold=1.0, **SCHEDULE)
     probe = probe_cell(dev_pipeline.transformer, read_block_residuals)
     size = dict(size=CALL["height"], max_sequence_length=CALL["max_sequence_length"])
     residuals = np.stack([r for _, _, (r,) in uncached_trajectory(dev_pipeline, ["a cat"], STEPS, probe, **size)])
+    bounds = stack_units(2, 3, group_size)
+    assert bounds == ([(b, b + 1) for b in range(BLOCKS)] if group_size == 1 else [(0, 2), (2, 4), (4, 5)])
+    residuals = calib.unit_residuals(residuals, bounds)
     full = [cache.is_full_step(i) for i in range(STEPS)]
+    n = len(bounds)
 
-    def replay(threshold):  # which blocks the replay runs at step 3
-        return tuple(calib.simulate_afcache(residuals[:, b], full, threshold, 2, EMA_KEEP, START)[2][3]
-                     for b in range(BLOCKS))
+    def replay(threshold):  # which units the replay runs at step 3
+        return tuple(calib.simulate_afcache(residuals[:, u], full, threshold, 2, EMA_KEEP, START)[2][3]
+                     for u in range(n))
 
-    # the middle of the widest stretch of a fine grid where the replay runs some blocks and forecasts others
-    # (far from any block's predicted cosine, where float32 and float64 could decide apart)
+    # the middle of the widest stretch of a fine grid where the replay runs some units and forecasts others
+    # (far from any unit's predicted cosine, where float32 and float64 could decide apart)
     grid = np.linspace(0.0, 1.0, 201)[:-1]
     ran_at_3 = [replay(t) for t in grid]
     stretches = [[t for t, _ in g] for d, g in itertools.groupby(zip(grid, ran_at_3), key=lambda x: x[1])
-                 if 0 < sum(d) < BLOCKS]
-    assert stretches, "no threshold splits the blocks at step 3"
+                 if 0 < sum(d) < n]
+    assert stretches, "no threshold splits the units at step 3"
     threshold = float(np.mean(max(stretches, key=len)))
-    policy = dev_pipeline("a cat", seed=0, cache=CacheConfig("afcache", order=2, threshold=threshold, **SCHEDULE),
+    policy = dev_pipeline("a cat", seed=0, cache=CacheConfig("afcache", order=2, threshold=threshold,
+                                                              group_size=group_size, **SCHEDULE),
                           **CALL).cache_stats.strategies["cond"][3]
-    assert replay(threshold) == tuple(c == 0 for c in policy) and 0 < sum(replay(threshold)) < BLOCKS
+    assert replay(threshold) == tuple(policy[a] == 0 for a, _ in bounds) and 0 < sum(replay(threshold)) < n
 
     thresholds = np.array([0.0, 0.5, 0.9, 1.0])
-    decisions, cosines = afcache_calibration(dev_pipeline, ["a cat"], STEPS, 1, cache, thresholds, **size)
-    assert list(decisions) == [4 * BLOCKS] * 4 and cosines[-1] == []  # 4 decision steps; 1 runs every block
-    assert len(cosines[0]) == 4 * BLOCKS  # threshold 0: every decision forecasts
+    decisions, cosines = afcache_calibration(dev_pipeline, ["a cat"], STEPS, 1, cache, thresholds, (group_size,),
+                                             **size)[group_size]
+    assert list(decisions) == [4 * n] * 4 and cosines[-1] == []  # 4 decision steps; 1 runs every unit
+    assert len(cosines[0]) == 4 * n  # threshold 0: every decision forecasts
     target = float(np.median(cosines[0]))
     chosen, fraction, missed = calib.fit_afcache_threshold(thresholds, decisions, cosines, target, 0.5)
     k = list(thresholds).index(chosen)
     assert fraction == len(cosines[k]) / decisions[k] and missed <= 0.5
     assert all(np.mean(np.asarray(c) < target) <= 0.5 for c in cosines[k:] if c)
     path = str(tmp_path / "af.json")
-    calib.save_calibration(path, {"afcache": {"threshold": chosen}})
-    assert CacheConfig("afcache", calibration=path).threshold == chosen
-    assert CacheConfig("afcache", calibration=path, threshold=0.3).threshold == 0.3
+    entry = {"threshold": chosen}
+    calib.save_calibration(path, {"afcache": entry if group_size == 1 else {"by_group_size": {"2": entry}}})
+    assert CacheConfig("afcache", calibration=path, group_size=group_size).threshold == chosen
+    assert CacheConfig("afcache", calibration=path, group_size=group_size, threshold=0.3).threshold == 0.3
+
+
+def test_calibrated_threshold_is_the_one_fitted_for_the_unit_size(tmp_path):
+    from fbcache_ms import calibration as calib
+    path = str(tmp_path / "af.json")
+    calib.save_calibration(path, {"afcache": {"threshold": 0.94, "by_group_size": {"4": {"threshold": 0.9}}}})
+    assert CacheConfig("afcache", calibration=path).threshold == 0.94
+    assert CacheConfig("afcache", calibration=path, group_size=4).threshold == 0.9
+    with pytest.raises(calib.CalibrationError, match="no afcache threshold for units of 2 blocks"):
+        CacheConfig("afcache", calibration=path, group_size=2)
+    for bad, match in (({"1": {"threshold": 0.9}}, "group sizes >= 2"),
+                       ({"2": {"threshold": 1.5}}, r"by_group_size\.2\.threshold")):
+        calib.save_calibration(path, {"afcache": {"by_group_size": bad}})
+        with pytest.raises(calib.CalibrationError, match=match):
+            CacheConfig("afcache", calibration=path, group_size=2)
 
 
 def test_threshold_fit_takes_the_lowest_threshold_that_keeps_every_higher_one_within_tolerance():
@@ -184,7 +207,6 @@ def test_thresholds_and_budgets_do_not_recompile(dev_pipeline):
     (dict(method="afcache", group_size=0), "group_size must be an integer >= 1"),
     (dict(method="teacache", group_size=2), "group_size applies to afcache"),
     (dict(method="afcache", group_size=True), "group_size must be an integer"),
-    (dict(method="afcache", group_size=2, calibration="any.json"), "fitted per block"),
 ])
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

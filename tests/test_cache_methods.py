@@ -242,6 +242,9 @@ def test_calibrate_command_writes_a_loadable_calibration(tmp_path):
     assert af["decisions"] == 2 * 16 and (af["warmup"], af["interval"]) == (3, 5)
     assert 0.3 <= af["threshold"] <= 1.0 and af["miss_rate"] <= af["tolerance"]
     assert CacheConfig("afcache", calibration=str(out)).threshold == af["threshold"]
+    # default unit sizes 2 and 4 on 5 double + 11 single blocks: 3 + 6 and 2 + 3 units
+    assert {g: e["decisions"] for g, e in af["by_group_size"].items()} == {"2": 2 * 9, "4": 2 * 5}
+    assert CacheConfig("afcache", calibration=str(out), group_size=4).threshold == af["by_group_size"]["4"]["threshold"]
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -250,6 +253,7 @@ def test_calibrate_command_writes_a_loadable_calibration(tmp_path):
     (["--out", "x.json", "--target-cosine", "1"], "--target-cosine"),
     (["--out", "x.json", "--tolerance", "-0.1"], "--tolerance"),
     (["--out", "x.json", "--prompts", "0"], "--prompts"),
+    (["--out", "x.json", "--group-sizes", "4", "1"], "--group-sizes"),
     (["--out", "x.json", "--checkpoint", "/nonexistent"], "--checkpoint"),
     (["--out", "x.json", "--prompt-file", "/nonexistent.txt"], "cannot be read"),
 ])
