@@ -69,7 +69,7 @@ class AFCache(CachePolicy):
         self.n_blocks = transformer.num_blocks
         self.double_units = units(cfg.num_layers, group_size)
         self.single_units = units(cfg.num_single_layers, group_size)
-        self.sizes = [b - a for a, b in stack_units(cfg.num_layers, cfg.num_single_layers, group_size)]
+        self.sizes = [b - a for a, b in self.double_units + self.single_units]  # blocks per unit
         self.n_units = len(self.sizes)
         img, txt = (batch, image_tokens, dim), (batch, text_tokens, dim)
         joint = (batch, text_tokens + image_tokens, dim)
@@ -223,7 +223,7 @@ class AFCache(CachePolicy):
                 gram = self.no_gram
             grams.append(gram)
             u += 1
-        self._stability_update(ops.stack(grams), run, spans, valid)  # reads the clocks' counts before they advance
+        self._stability_update(ops.stack(grams), run, spans, valid)  # spans, valid: read before the clocks advance
         self.clock.advance(step, run)
         codes = ops.select(run, ops.zeros_like(best_p), best_p + 1)
         return t.head(x[:, txt_len:], temb), run.all(), codes
