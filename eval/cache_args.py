@@ -29,7 +29,8 @@ def add_cache_arguments(parser):
     g.add_argument("--calibration", default=None, metavar="JSON",
                    help="TeaCache / MagCache / AFCache: the model's calibration (python -m eval.calibrate_cache "
                         "writes one; default FLUX.1-dev's published coefficients and ratios; AFCache takes its "
-                        "threshold from it unless --threshold is given)")
+                        "threshold from it unless --threshold is given; FastCache: its static-token map, which "
+                        "corrects the residuals of the tokens a reduced step does not run)")
     g.add_argument("--max-skip", type=int, default=3, help="MagCache: most reused steps in a row (default 3)")
     g.add_argument("--retention", type=float, default=0.2,
                    help="MagCache: fraction of the first steps that always compute (default 0.2)")

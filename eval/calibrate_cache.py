@@ -6,7 +6,11 @@
   block at each threshold of a grid, open loop (the block forecasts from the steps it ran, its stability
   updates when it runs), and the threshold is the lowest at and above which the forecasts miss --target-cosine
   in at most --tolerance of cases; the same again for units of --group-sizes blocks (AFCache's group_size: a
-  unit's residual is the sum of its blocks'), each with its own threshold.
+  unit's residual is the sum of its blocks'), each with its own threshold;
+- FastCache: the map that predicts a static token's residual (a token a reduced step does not run: outside the
+  top --motion-ratio by change since its anchor, the last step it ran) from its anchor's residual, its input
+  change and the timesteps, fitted in closed form (ridge) over gaps of 1-4 steps; written beside the JSON as
+  <name>.fastcache.safetensors, with how well it predicts on half the prompts when fitted on the other half.
 Writes one JSON file (load it with --calibration FILE or CacheConfig(calibration=FILE)) and a plot of the fits
 beside it.
 
@@ -41,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--group-sizes", type=int, nargs="*", default=[2, 4], metavar="N",
                    help="AFCache: also fit the threshold for units of N blocks (group_size N), each N >= 2 "
                         "(default 2 4; per block is always fitted; none: per block only)")
+    p.add_argument("--motion-ratio", type=float, default=0.5,
+                   help="FastCache: the motion ratio whose static tokens the map is fitted on (default 0.5, "
+                        "FastCache's)")
     p.add_argument("--batch-size", type=int, default=25,
                    help="AFCache: prompts per call; its cosine pools the call, as in generation (default 25, "
                         "benchmark_quality's)")
@@ -52,6 +59,8 @@ def parse_args(argv=None):
     if any(g < 2 for g in args.group_sizes):
         p.error(f"--group-sizes must be at least 2 each (per block is always fitted), got {args.group_sizes}")
     args.group_sizes = sorted(set(args.group_sizes))
+    if not 0.0 < args.motion_ratio < 1.0:
+        p.error(f"--motion-ratio must be in (0, 1) (1 runs every token: nothing static to map), got {args.motion_ratio}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if not 1 <= args.prompts <= 1024:
@@ -108,8 +117,37 @@ def afcache_calibration(pipe, prompts, steps, batch_size, cache, thresholds=AFCA
     return out
 
 
-def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=25, group_sizes=()):
-    """-> (calibration dict, signals) from uncached runs of `prompts`."""
+def fastcache_calibration(pipe, prompts, steps, batch_size, motion_ratio):
+    """FastCache's static-token map fitted on uncached runs (fbcache_ms.calibration.StaticMapFit), and on each half
+    of the prompts (even and odd images of each call) to score it on the other half.
+    -> (map [3D + 3, D], {gap: {"stale", "mapped"}} dB on the half not fitted, pooled)."""
+    from eval.cache_signals import uncached_trajectory
+    from eval.probes import probe_cell, read_stack_io
+    from fbcache_ms.calibration import StaticMapFit, to_db
+    from pipelines.scheduling import flux_timesteps
+
+    probe = probe_cell(pipe.transformer, read_stack_io)
+    halves = [StaticMapFit(motion_ratio), StaticMapFit(motion_ratio)]
+    for start in range(0, len(prompts), batch_size):
+        trajectory = [tensors for _, _, tensors in uncached_trajectory(pipe, prompts[start:start + batch_size],
+                                                                       steps, probe)]
+        inputs, residuals = (np.stack([step[k] for step in trajectory]) for k in (0, 1))  # [steps, B, N, D]
+        timesteps = np.asarray(flux_timesteps(pipe.scheduler, steps, inputs.shape[2])[0], np.float64) / 1000
+        for half, fit in enumerate(halves):
+            if inputs.shape[1] > half:
+                fit.add(inputs[:, half::2], residuals[:, half::2], timesteps)
+    whole = halves[0].merged(halves[1]) if halves[1].rows else halves[0]
+    held_out = {}
+    if halves[1].rows:
+        for fitted, scored in ((halves[0], halves[1]), (halves[1], halves[0])):
+            for gap, errors in scored.squared_errors(fitted.solve()).items():
+                held_out[gap] = [a + b for a, b in zip(held_out.get(gap, (0.0, 0.0, 0.0)), errors)]
+    return whole.solve(), {str(g): {"stale": to_db(s, r), "mapped": to_db(m, r)} for g, (s, m, r) in held_out.items()}
+
+
+def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=25, group_sizes=(),
+              motion_ratio=0.5):
+    """-> (calibration dict, signals, FastCache's static map) from uncached runs of `prompts`."""
     from eval.cache_signals import record_signals
     from fbcache_ms import calibration as calib
     from fbcache_ms.config import CacheConfig
@@ -136,7 +174,10 @@ def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_siz
                         "by_group_size": {str(g): {"threshold": t, "forecast_fraction": f, "miss_rate": m,
                                                    "decisions": int(replays[g][0][0])}
                                           for g, (t, f, m) in fits.items() if g > 1}}}
-    return data, sig
+    static_map, held_out = fastcache_calibration(pipe, prompts, steps, batch_size, motion_ratio)
+    data["fastcache"] = {"motion_ratio": motion_ratio, "gaps": list(calib.STATIC_MAP_GAPS),
+                         "ridge": calib.STATIC_MAP_RIDGE, "held_out_db": held_out}
+    return data, sig, static_map
 
 
 def plot(data, sig, path):
@@ -197,14 +238,15 @@ def plot(data, sig, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    from fbcache_ms.calibration import save_calibration
+    from fbcache_ms.calibration import save_calibration, save_static_map
     from pipelines.flux_pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(args.checkpoint)
-    data, sig = calibrate(pipe, args.prompt_list, args.steps, args.target_cosine, args.tolerance, args.batch_size,
-                          args.group_sizes)
+    data, sig, static_map = calibrate(pipe, args.prompt_list, args.steps, args.target_cosine, args.tolerance,
+                                      args.batch_size, args.group_sizes, args.motion_ratio)
     data = {"model": os.path.basename(os.path.normpath(args.checkpoint)),
             "source": f"python -m eval.calibrate_cache: {len(args.prompt_list)} prompts, {args.steps} steps", **data}
+    data["fastcache"].update(save_static_map(args.out, static_map))  # the weights first: the JSON names them
     save_calibration(args.out, data)
     png = args.out[:-len(".json")] + ".png"
     plot(data, sig, png)
@@ -214,7 +256,10 @@ def main(argv=None):
           f"{data['afcache']['threshold']:.3f} (forecasts {data['afcache']['forecast_fraction']:.0%} of block "
           f"decisions, {data['afcache']['miss_rate']:.0%} below cosine {data['afcache']['target_cosine']:g})"
           + "".join(f"; in units of {g}: {e['threshold']:.3f} (forecasts {e['forecast_fraction']:.0%})"
-                    for g, e in data["afcache"]["by_group_size"].items()))
+                    for g, e in data["afcache"]["by_group_size"].items())
+          + "; FastCache static map, on held-out prompts: "
+          + (", ".join(f"{g} steps since the anchor {e['stale']:.1f} -> {e['mapped']:.1f} dB"
+                       for g, e in data["fastcache"]["held_out_db"].items()) or "not scored (one prompt)"))
     return 0
 
 

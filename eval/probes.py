@@ -47,3 +47,9 @@ def read_block_residuals(t, h, e, temb, cos, sin):
         residuals.append(x_new - x)
         x = x_new
     return t.head(x[:, txt_len:], temb), ops.stack(residuals)
+
+
+def read_stack_io(t, h, e, temb, cos, sin):
+    """The velocity, the block stack's image input and its image residual (FastCache's static-token map)."""
+    h_out = t.run_blocks(h, e, temb, cos, sin)[0]
+    return t.head(h_out, temb), h, h_out - h

@@ -59,6 +59,10 @@ class CachePolicy(CacheState):
     def step_inputs(self, cache, i, num_steps):
         raise NotImplementedError
 
+    def load(self, cache):
+        """Put what the config brings beside tensors per step (FastCache: its calibrated map) into the policy's
+        Parameters, after reset(): policies are shared by configs of one structure."""
+
     def record(self, stats, branch, i, computed, signal):
         """Put one step's outputs (computed flag, signal) into the statistics."""
         computed = bool(computed.asnumpy())

@@ -6,11 +6,17 @@ CacheConfig).
    "teacache": {"coefficients": [c4, c3, c2, c1, c0], "r2": ..., "points": ...},
    "magcache": {"ratios": [1.0, gamma_1, ..., gamma_27]},
    "afcache": {"threshold": ..., "target_cosine": ..., "tolerance": ..., "forecast_fraction": ...,
-               "by_group_size": {"4": {"threshold": ..., "forecast_fraction": ..., "miss_rate": ...}, ...}}}
+               "by_group_size": {"4": {"threshold": ..., "forecast_fraction": ..., "miss_rate": ...}, ...}},
+   "fastcache": {"static_map": "<name>.fastcache.safetensors", "sha256": ..., "motion_ratio": ..., ...}}
 
 afcache.threshold is fitted per block (group_size 1); by_group_size holds the thresholds fitted for units of
 blocks (AFCache's group_size > 1: one residual and one stability per unit), replayed on the units' residuals.
+fastcache.static_map names a safetensors file beside the JSON (its weights are too many for JSON): the ridge map
+that predicts a static token's residual (fit_static_map); its sha256 is in the JSON, so the JSON's content
+decides the images and a changed weights file is refused.
 """
+import hashlib
+import math
 import functools
 import json
 import os
@@ -22,6 +28,8 @@ from utils import write_json_atomic
 CALIBRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibrations")
 FLUX_DEV = os.path.join(CALIBRATIONS, "flux1-dev.json")
 TEACACHE_DEGREE = 4
+STATIC_MAP_GAPS = (1, 2, 3, 4)  # steps since a static token last ran, fitted together
+STATIC_MAP_RIDGE = 1e-3  # ridge, relative to the mean diagonal of X^T X
 
 
 class CalibrationError(ValueError):
@@ -74,6 +82,125 @@ def afcache_threshold(path, group_size=1):
             f"afcache threshold for units of {group_size} blocks (python -m eval.calibrate_cache --group-sizes)"
         raise CalibrationError(f"calibration file {path!r} has no {what}")
     return float(threshold)
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def fastcache_static_map(path):
+    """FastCache's static-token map [3D + 3, D] (float32) from the calibration in `path`; CalibrationError names a
+    missing entry or file, a changed file (sha256) or a wrong shape."""
+    entry = load_calibration(path).get("fastcache", {})
+    name = entry.get("static_map")
+    if not isinstance(name, str):
+        raise CalibrationError(f"calibration file {path!r} has no fastcache.static_map (python -m "
+                               "eval.calibrate_cache writes one)")
+    weights = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    if not os.path.isfile(weights):
+        raise CalibrationError(f"calibration file {path!r}: its fastcache.static_map {weights!r} does not exist")
+    if _sha256(weights) != entry.get("sha256"):
+        raise CalibrationError(f"calibration file {path!r}: {weights!r} is not the file it was written with "
+                               "(sha256 differs)")
+    from safetensors.numpy import load_file
+    w = load_file(weights).get("static_map")
+    if w is None or w.ndim != 2 or w.shape[0] != 3 * w.shape[1] + 3 or not np.isfinite(w).all():
+        raise CalibrationError(f"calibration file {path!r}: {weights!r} must hold a finite [3D + 3, D] "
+                               "'static_map'")
+    return w.astype(np.float32)
+
+
+def static_map_features(dh, r0, t, dt):
+    """Inputs of FastCache's static-token map, in this order: the token's input change since its anchor (the last
+    step it ran) dh [..., D], its residual there r0 [..., D], 1, the timestep t, dt = the anchor's timestep - t
+    (scalars or [..., 1]) and r0 * dt. -> [..., 3D + 3]. The map predicts the residual's change since the anchor."""
+    one = np.ones(r0.shape[:-1] + (1,))
+    return np.concatenate([dh, r0, one, one * t, one * dt, r0 * dt], axis=-1)
+
+
+class StaticMapFit:
+    """Normal equations of the ridge fit (r_t - r_a) ~ static_map_features(h_t - h_a, r_a, t_t, t_a - t_t) @ W over
+    FastCache's static tokens in uncached runs: at each step t and gap t - a in `gaps`, the image tokens outside
+    the top ceil(motion_ratio * N) by saliency ||h_t - h_a||^2 summed over the batch (one selection per batch, as
+    the policy). Accumulated per gap, so that errors per gap are exact without keeping the runs:
+    ||Y - X W||^2 = Y'Y - 2 <W, X'Y> + <W, X'X W>. Memory: 2 (3D + 3)^2 float64 per gap."""
+
+    def __init__(self, motion_ratio, gaps=STATIC_MAP_GAPS):
+        self.motion_ratio, self.gaps = motion_ratio, tuple(gaps)
+        self.xtx, self.xty, self.yty, self.rtr, self.rows = {}, {}, {}, {}, {}
+
+    def add(self, inputs, residuals, timesteps):
+        """inputs, residuals [steps, B, N, D]: the stack's image input and residual per step; timesteps [steps]."""
+        from fbcache_ms.fastcache import motion_tokens
+        inputs, residuals = np.asarray(inputs, np.float64), np.asarray(residuals, np.float64)
+        k = motion_tokens(inputs.shape[2], self.motion_ratio)
+        for gap in self.gaps:
+            for t in range(gap, len(inputs)):
+                a = t - gap
+                saliency = ((inputs[t] - inputs[a]) ** 2).sum(axis=(0, 2))
+                static = np.sort(np.argsort(-saliency, kind="stable")[k:])
+                x = static_map_features(inputs[t][:, static] - inputs[a][:, static], residuals[a][:, static],
+                                        timesteps[t], timesteps[a] - timesteps[t])
+                x = x.reshape(-1, x.shape[-1])
+                y = (residuals[t] - residuals[a])[:, static].reshape(len(x), -1)
+                if gap not in self.xtx:
+                    f, d = x.shape[1], y.shape[1]
+                    self.xtx[gap], self.xty[gap], self.yty[gap], self.rtr[gap], self.rows[gap] = \
+                        np.zeros((f, f)), np.zeros((f, d)), 0.0, 0.0, 0
+                self.xtx[gap] += x.T @ x
+                self.xty[gap] += x.T @ y
+                self.yty[gap] += float((y * y).sum())
+                self.rtr[gap] += float((residuals[t][:, static] ** 2).sum())
+                self.rows[gap] += len(x)
+
+    def solve(self, ridge=STATIC_MAP_RIDGE):
+        """W [3D + 3, D] (float32) of the fit pooled over every gap."""
+        if not self.rows:
+            raise CalibrationError("the static-token map has no token rows: run more steps than the largest gap")
+        xtx, xty = sum(self.xtx.values()), sum(self.xty.values())
+        a = xtx + ridge * np.trace(xtx) / len(xtx) * np.eye(len(xtx))
+        return np.linalg.solve(a, xty).astype(np.float32)
+
+    def squared_errors(self, w):
+        """{gap: (||r_t - r_a||^2, ||r_t - r_a - X W||^2, ||r_t||^2)} over the static tokens: the error of reusing
+        the anchor's residual as it is, with the map's correction, and the residual's own energy."""
+        w = np.asarray(w, np.float64)
+        return {gap: (self.yty[gap],
+                      self.yty[gap] - 2 * float((w * self.xty[gap]).sum()) + float((w * (self.xtx[gap] @ w)).sum()),
+                      self.rtr[gap]) for gap in self.xtx}
+
+    def merged(self, other):
+        """This fit's equations plus `other`'s."""
+        out = StaticMapFit(self.motion_ratio, self.gaps)
+        for gap in self.xtx:
+            out.xtx[gap], out.xty[gap] = self.xtx[gap] + other.xtx[gap], self.xty[gap] + other.xty[gap]
+            out.yty[gap], out.rtr[gap] = self.yty[gap] + other.yty[gap], self.rtr[gap] + other.rtr[gap]
+            out.rows[gap] = self.rows[gap] + other.rows[gap]
+        return out
+
+
+def to_db(error, energy):
+    """-10 log10(error / energy): a prediction's PSNR-like quality against the energy of what it predicts."""
+    return -10 * math.log10(max(error, 1e-30) / energy)
+
+
+def save_static_map(json_path, w):
+    """Write the map beside `json_path` (temporary name, then rename) -> its fastcache entry's name and sha256."""
+    from safetensors.numpy import save
+    name = os.path.basename(json_path)[:-len(".json")] + ".fastcache.safetensors"
+    path = os.path.join(os.path.dirname(os.path.abspath(json_path)), name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(save({"static_map": np.ascontiguousarray(w, np.float32)}))
+    os.replace(tmp, path)
+    fastcache_static_map.cache_clear()
+    return {"static_map": name, "sha256": _sha256(path)}
 
 
 def unit_residuals(residuals, bounds):
@@ -208,3 +335,4 @@ def save_calibration(path, data):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json_atomic(path, data)
     load_calibration.cache_clear()
+    fastcache_static_map.cache_clear()

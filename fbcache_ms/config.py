@@ -41,6 +41,8 @@ class CacheConfig:
       threshold: b0 of the adaptive noise scale tau (FastCache's default 0.05)
       alpha:     level of the chi-square test: a step is reused when its change is not significant at alpha
       motion_ratio: fraction of image tokens that run on a computed step (the most changed); 1 = all
+      calibration: with one (eval.calibrate_cache), a static token's residual is its last computed one
+                 corrected by the calibration's ridge-fitted map; without, reused as it is
     AFCache (afcache.py): per block and step, run or forecast the block's residual by its most stable predictor
       threshold: a block runs when its best stability (EMA of cosine similarity, extrapolated to the steps since
                  the block last ran) is below this (1 = all run;
@@ -150,6 +152,8 @@ class CacheConfig:
                 object.__setattr__(self, "calibration", calib.FLUX_DEV)
             # read now, so a bad file is named before anything loads or compiles
             self.teacache_coefficients() if self.method == "teacache" else self.magcache_ratios(2)
+        if self.method == "fastcache" and self.calibration is not None:
+            calib.fastcache_static_map(self.calibration)
 
     @property
     def uses_fbcache(self):
@@ -159,6 +163,11 @@ class CacheConfig:
     def compressible(self):
         """Methods whose cached image residual can be Fourier-compressed."""
         return self.uses_fbcache or (self.method == "taylorseer" and self.variant == "residual")
+
+    @property
+    def static_map(self):
+        """FastCache with a calibration: static tokens' residuals are predicted by its map."""
+        return self.method == "fastcache" and self.calibration is not None
 
     @property
     def uses_taylor(self):
@@ -178,7 +187,7 @@ class CacheConfig:
     def structure(self):
         """What decides the policy cell's graph (thresholds and calibrations do not: they are tensors)."""
         return (self.method, self.order, self.variant, self.fn, self.bn, self.fourier_ratio, self.motion_ratio,
-                self.low_band, self.group_size)
+                self.low_band, self.group_size, self.static_map)
 
     def describe(self):
         if self.method == "none":
@@ -209,6 +218,8 @@ class CacheConfig:
                 parts.append(f"calibration {os.path.basename(self.calibration)}")
         if self.method == "fastcache":
             parts.append(f"alpha {self.alpha:g}, motion ratio {self.motion_ratio:g}")
+            if self.calibration is not None:
+                parts.append(f"static map {os.path.basename(self.calibration)}")
         if self.fourier_ratio < 1:
             parts.append(f"Fourier ratio {self.fourier_ratio:g}")
         return f"{self.method} ({'; '.join(parts)})"

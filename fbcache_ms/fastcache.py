@@ -22,12 +22,20 @@ batch (one selection per batch, as every decision here); the top k = ceil(motion
 the whole stack with all text tokens and their own RoPE rows; the other (static) tokens get identity + their
 residual from the last step they ran; the computed tokens are scattered back in place. motion_ratio 1 runs
 every token.
+
+Static-token map (with a calibration, eval.calibrate_cache): a static token's residual is instead predicted from
+its anchor (the last step it ran, whose input h_a, residual r_a and timestep t_a are kept) as
+r_a + static_map_features(h - h_a, r_a, t, t_a - t) @ W (calibration.static_map_features), W fitted in closed form
+(ridge) on uncached runs. The anchors keep the computed values, never predicted ones. FastCache's paper maps a
+static token's input to its output by one linear map; a block stack's residual is far from linear in its input,
+while its change since the anchor is small: the map corrects the anchor's residual instead of replacing it.
 """
 import math
 
 import mindspore as ms
 from mindspore import ops
 
+from fbcache_ms import calibration as calib
 from fbcache_ms.base import WholeStackCache, signal_where
 from fbcache_ms.state import Feature, _buffer
 
@@ -46,13 +54,30 @@ def motion_tokens(image_tokens, motion_ratio):
 
 
 class FastCache(WholeStackCache):
-    def __init__(self, transformer, batch, image_tokens, text_tokens, motion_ratio):
+    not_state = ("transformer", "static_map")  # the map is the calibration's, loaded per call (load)
+
+    def __init__(self, transformer, batch, image_tokens, text_tokens, motion_ratio, static_map=False):
         super().__init__(transformer, batch, image_tokens)
         self.k = motion_tokens(image_tokens, motion_ratio)
         self.reduce = self.k < image_tokens
         self.text_tokens, self.image_tokens = text_tokens, image_tokens
         self.prev_h = Feature(self.residual.value.shape, transformer.dtype, "prev_stack_input")
         self.filled = _buffer((), ms.bool_, "filled")
+        self.mapped = static_map and self.reduce
+        if self.mapped:
+            dim = transformer.config.dim
+            self.static_map = Feature((3 * dim + 3, dim), ms.float32, "static_map")
+            self.anchor_h = Feature(self.residual.value.shape, transformer.dtype, "anchor_input")
+            self.anchor_t = Feature((1, image_tokens, 1), ms.float32, "anchor_timestep")
+
+    def load(self, cache):
+        if self.mapped:
+            w = calib.fastcache_static_map(cache.calibration)
+            if w.shape != self.static_map.value.shape:
+                raise calib.CalibrationError(
+                    f"calibration file {cache.calibration!r}: its static map is for hidden size {w.shape[1]}, this "
+                    f"model's is {self.static_map.value.shape[1]}")
+            self.static_map.store(ms.Tensor(w))
 
     def step_inputs(self, cache, i, num_steps):
         return (ms.Tensor(float(i), ms.float32), ms.Tensor(cache.threshold, ms.float32),
@@ -71,12 +96,24 @@ class FastCache(WholeStackCache):
             (self.text_tokens + self.k) / (self.text_tokens + self.image_tokens)
         return self.transformer.num_blocks * share
 
-    def _full_stack(self, h, e, temb, cos, sin):
+    def _full_stack(self, h, e, temb, cos, sin, t):
         h_out = self.transformer.run_blocks(h, e, temb, cos, sin)[0]
         self.residual.store(h_out - h)
+        if self.mapped:
+            self.anchor_h.store(h)
+            self.anchor_t.store(ops.full_like(self.anchor_t.value, 1.0) * t)
         return h_out
 
-    def _reduced_stack(self, h, e, temb, cos, sin, saliency):
+    def _predicted_residual(self, h, t):
+        """Every token's residual predicted from its anchor: r_a + static_map_features(h - h_a, r_a, t, t_a - t) @ W."""
+        r0 = self.residual.value.astype(ms.float32)
+        dt = self.anchor_t.value - t  # [1, N, 1]
+        ones = ops.ones_like(r0[..., :1])
+        features = ops.cat([h.astype(ms.float32) - self.anchor_h.value.astype(ms.float32), r0, ones, ones * t,
+                            ones * dt, r0 * dt], axis=-1)
+        return (r0 + ops.matmul(features, self.static_map.value)).astype(h.dtype)
+
+    def _reduced_stack(self, h, e, temb, cos, sin, saliency, t):
         """Run the top-k salient image tokens (and all text tokens) through the stack; the rest reuse."""
         idx = ops.topk(saliency, self.k)[1]  # [k]; [1], not a discarded tuple element: MindSpore warns on those
         idx = idx.astype(ms.int32)
@@ -88,9 +125,13 @@ class FastCache(WholeStackCache):
         # scatter back: one-hot [N, k] columns place the k computed tokens; the others keep their residual
         place = (ops.arange(self.image_tokens, dtype=ms.int32).reshape(-1, 1) == idx.reshape(1, -1)).astype(h.dtype)
         moved = place.sum(axis=1).reshape(1, -1, 1)
-        residual = self.residual.value * (1 - moved) + ops.matmul(place, out_motion - h_motion)
-        self.residual.store(residual)
-        return h + residual
+        computed = ops.matmul(place, out_motion - h_motion)
+        static = self._predicted_residual(h, t) if self.mapped else self.residual.value
+        self.residual.store(self.residual.value * (1 - moved) + computed)  # anchors: computed values only
+        if self.mapped:
+            self.anchor_h.store(self.anchor_h.value * (1 - moved) + h * moved)
+            self.anchor_t.store(self.anchor_t.value * (1 - moved) + t * moved)
+        return h + (static * (1 - moved) + computed)
 
     def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                   guidance, step, threshold, chi2_over_n):
@@ -104,6 +145,7 @@ class FastCache(WholeStackCache):
         spread = ((per_token - per_token.mean()) ** 2).mean()
         tau = ops.maximum(threshold + TAU_COEFFICIENTS[0] * spread + TAU_COEFFICIENTS[1] * step
                           + TAU_COEFFICIENTS[2] * step * step, 0.0)
+        now = timestep[0].astype(ms.float32)
         has_signal = self.filled & (step > 0)  # read before a branch below stores
         skip = has_signal & (delta * delta <= tau * tau * chi2_over_n)
         if skip:
@@ -111,11 +153,11 @@ class FastCache(WholeStackCache):
         else:
             if self.reduce:
                 if self.filled:
-                    h_out = self._reduced_stack(h, e, temb, cos, sin, (change ** 2).sum(axis=-1).sum(axis=0))
+                    h_out = self._reduced_stack(h, e, temb, cos, sin, (change ** 2).sum(axis=-1).sum(axis=0), now)
                 else:
-                    h_out = self._full_stack(h, e, temb, cos, sin)
+                    h_out = self._full_stack(h, e, temb, cos, sin, now)
             else:
-                h_out = self._full_stack(h, e, temb, cos, sin)
+                h_out = self._full_stack(h, e, temb, cos, sin, now)
             self.prev_h.store(h)
             ops.assign(self.filled, ms.Tensor(True))
         return t.head(h_out, temb), ops.logical_not(skip), signal_where(has_signal, delta)

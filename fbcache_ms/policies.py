@@ -24,7 +24,8 @@ def make_policy(config: CacheConfig, transformer, batch, image_tokens, text_toke
     if config.method == "teacache":
         return TeaCache(transformer, batch, image_tokens, text_tokens)
     if config.method == "fastcache":
-        return FastCache(transformer, batch, image_tokens, text_tokens, config.motion_ratio)
+        return FastCache(transformer, batch, image_tokens, text_tokens, config.motion_ratio,
+                         config.static_map)
     if config.method == "magcache":
         return MagCache(transformer, batch, image_tokens, text_tokens)
     if config.method == "freqca":

@@ -369,6 +369,7 @@ class FluxPipeline:
         policies = {b: self.cache_policy(cache, b, batch, image_tokens, text_tokens, grid) for b in branches}
         for policy, _ in policies.values():
             policy.reset()  # in place: the compiled graph keeps these very Parameters
+            policy.load(cache)
         stats = CacheStats(cache.method, self.transformer.num_blocks,
                            state_bytes=sum(policy.state_bytes() for policy, _ in policies.values()))
 

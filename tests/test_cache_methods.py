@@ -245,6 +245,12 @@ def test_calibrate_command_writes_a_loadable_calibration(tmp_path):
     # default unit sizes 2 and 4 on 5 double + 11 single blocks: 3 + 6 and 2 + 3 units
     assert {g: e["decisions"] for g, e in af["by_group_size"].items()} == {"2": 2 * 9, "4": 2 * 5}
     assert CacheConfig("afcache", calibration=str(out), group_size=4).threshold == af["by_group_size"]["4"]["threshold"]
+    fc = data["fastcache"]  # the static map, for the embedded model's hidden size (4 heads x 32)
+    assert (tmp_path / fc["static_map"]).is_file() and fc["motion_ratio"] == 0.5
+    assert calib.fastcache_static_map(str(out)).shape == (3 * 128 + 3, 128)
+    assert set(fc["held_out_db"]) == {"1", "2", "3", "4"}
+    assert all(np.isfinite([e["stale"], e["mapped"]]).all() for e in fc["held_out_db"].values())
+    assert CacheConfig("fastcache", calibration=str(out)).static_map
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -254,6 +260,7 @@ def test_calibrate_command_writes_a_loadable_calibration(tmp_path):
     (["--out", "x.json", "--tolerance", "-0.1"], "--tolerance"),
     (["--out", "x.json", "--prompts", "0"], "--prompts"),
     (["--out", "x.json", "--group-sizes", "4", "1"], "--group-sizes"),
+    (["--out", "x.json", "--motion-ratio", "1"], "--motion-ratio"),
     (["--out", "x.json", "--checkpoint", "/nonexistent"], "--checkpoint"),
     (["--out", "x.json", "--prompt-file", "/nonexistent.txt"], "cannot be read"),
 ])

@@ -68,3 +68,130 @@ def test_true_cfg_and_no_leak(torch_dev_pipeline, dev_pipeline):
 def test_fastcache_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CacheConfig("fastcache", **kwargs)
+
+
+# ---- the static-token map (a calibration's ridge fit) ------------------------------------------------------
+
+def _map_calibration(path, w):
+    """A calibration file holding only FastCache's static map `w`."""
+    from fbcache_ms import calibration as calib
+    entry = calib.save_static_map(str(path), w)
+    calib.save_calibration(str(path), {"model": "tiny", "fastcache": entry})
+    return str(path)
+
+
+def _random_map(dim, seed, scale=0.02):
+    return (np.random.default_rng(seed).standard_normal((3 * dim + 3, dim)) * scale).astype(np.float32)
+
+
+def test_static_map_of_zeros_is_plain_reuse(dev_pipeline, tmp_path):
+    dim = dev_pipeline.transformer.config.dim
+    calibration = _map_calibration(tmp_path / "zeros.json", np.zeros((3 * dim + 3, dim), np.float32))
+    kw = dict(threshold=0.12, motion_ratio=0.5)
+    plain, plain_pattern = _ours(dev_pipeline, _latents(seed=7), "a cat", CacheConfig("fastcache", **kw))
+    mapped, pattern = _ours(dev_pipeline, _latents(seed=7), "a cat",
+                            CacheConfig("fastcache", calibration=calibration, **kw))
+    assert pattern == plain_pattern and pattern["cond"][1:].count("C") >= 2  # reduced steps, static tokens reused
+    np.testing.assert_array_equal(mapped, plain)
+
+
+@pytest.mark.parametrize("motion_ratio", [0.5, 0.25])
+def test_static_map_matches_reference(torch_dev_pipeline, dev_pipeline, tmp_path, motion_ratio):
+    dim = dev_pipeline.transformer.config.dim
+    w = _random_map(dim, seed=11)
+    calibration = _map_calibration(tmp_path / "map.json", w)
+    kw = dict(threshold=0.12, alpha=0.05, motion_ratio=motion_ratio)
+    expected, ref_pattern = reference_run(torch_dev_pipeline, _latents(seed=7), "a cat", method="fastcache",
+                                          static_map=w, **kw)
+    ours, pattern = _ours(dev_pipeline, _latents(seed=7), "a cat", CacheConfig("fastcache", calibration=calibration,
+                                                                               **kw))
+    assert pattern == ref_pattern and pattern["cond"][1:].count("C") >= 2
+    assert rel_err(ours, expected) < 1e-4
+    plain, _ = reference_run(torch_dev_pipeline, _latents(seed=7), "a cat", method="fastcache", **kw)
+    assert rel_err(plain, expected) > 1e-3  # the map changes the result: the comparison above can fail
+
+
+def test_static_map_comes_from_the_call_without_recompiling_or_leaking(dev_pipeline, tmp_path):
+    dim = dev_pipeline.transformer.config.dim
+    first = _map_calibration(tmp_path / "a.json", _random_map(dim, seed=1))
+    second = _map_calibration(tmp_path / "b.json", _random_map(dim, seed=2))
+    cache = lambda path: CacheConfig("fastcache", threshold=0.12, motion_ratio=0.5, calibration=path)  # noqa: E731
+    a, _ = _ours(dev_pipeline, _latents(seed=7), "a cat", cache(first))
+    compiled = len(ms_compile_cache)
+    b, _ = _ours(dev_pipeline, _latents(seed=7), "a cat", cache(second))
+    again, _ = _ours(dev_pipeline, _latents(seed=7), "a cat", cache(first))
+    assert len(ms_compile_cache) == compiled
+    assert rel_err(a, b) > 1e-4
+    np.testing.assert_array_equal(again, a)
+
+
+def test_static_map_of_another_hidden_size_is_named(dev_pipeline, tmp_path):
+    dim = dev_pipeline.transformer.config.dim
+    calibration = _map_calibration(tmp_path / "wide.json", _random_map(dim * 2, seed=1))
+    with pytest.raises(ValueError, match="static map is for hidden size"):
+        dev_pipeline("a cat", latents=_latents(seed=7), **CALL,
+                     cache=CacheConfig("fastcache", threshold=0.12, motion_ratio=0.5, calibration=calibration))
+
+
+def test_bad_static_maps_are_named(tmp_path):
+    from fbcache_ms import calibration as calib
+    no_entry = tmp_path / "none.json"
+    calib.save_calibration(str(no_entry), {"model": "tiny"})
+    with pytest.raises(calib.CalibrationError, match="no fastcache.static_map"):
+        CacheConfig("fastcache", calibration=str(no_entry))
+    changed = _map_calibration(tmp_path / "changed.json", _random_map(4, seed=1))
+    calib.save_static_map(str(tmp_path / "changed.json"), _random_map(4, seed=2))  # the weights rewritten alone
+    with pytest.raises(calib.CalibrationError, match="sha256 differs"):
+        CacheConfig("fastcache", calibration=changed)
+    bad = tmp_path / "bad.json"
+    entry = calib.save_static_map(str(bad), np.zeros((5, 4), np.float32))  # not [3D + 3, D]
+    calib.save_calibration(str(bad), {"fastcache": entry})
+    with pytest.raises(calib.CalibrationError, match=r"\[3D \+ 3, D\]"):
+        CacheConfig("fastcache", calibration=str(bad))
+    missing = tmp_path / "missing.json"
+    calib.save_calibration(str(missing), {"fastcache": {"static_map": "gone.safetensors", "sha256": "0"}})
+    with pytest.raises(calib.CalibrationError, match="does not exist"):
+        CacheConfig("fastcache", calibration=str(missing))
+
+
+def _linear_trajectory(w, steps=6, batch=3, tokens=10, dim=4, seed=0):
+    """Stack inputs and residuals whose every step-to-step residual change is exactly the map `w` (gap 1)."""
+    from fbcache_ms.calibration import static_map_features
+    rng = np.random.default_rng(seed)
+    inputs = np.cumsum(rng.standard_normal((steps, batch, tokens, dim)), axis=0)
+    timesteps = np.sort(rng.uniform(0.05, 1.0, steps))[::-1]  # uneven gaps: t and t_a - t not collinear
+    residuals = [rng.standard_normal((batch, tokens, dim))]
+    for t in range(1, steps):
+        x = static_map_features(inputs[t] - inputs[t - 1], residuals[-1], timesteps[t], timesteps[t - 1] - timesteps[t])
+        residuals.append(residuals[-1] + x @ w)
+    return inputs, np.stack(residuals), timesteps
+
+
+def test_static_map_fit_recovers_a_known_map():
+    from fbcache_ms.calibration import StaticMapFit
+    w = np.random.default_rng(5).standard_normal((15, 4)) * 0.1
+    fit = StaticMapFit(motion_ratio=0.3, gaps=(1,))
+    fit.add(*_linear_trajectory(w))
+    np.testing.assert_allclose(fit.solve(ridge=1e-10), w, atol=1e-4)
+    stale, mapped, energy = fit.squared_errors(fit.solve(ridge=1e-10))[1]
+    assert mapped < 1e-6 * stale and energy > 0
+
+
+def test_static_map_errors_equal_their_direct_computation():
+    """The accumulated form ||Y - XW||^2 = Y'Y - 2 <W, X'Y> + <W, X'X W> against the static tokens' errors computed
+    from the runs directly, at gaps 1 and 2 (the static tokens: outside the top 3 of 10 by change since the anchor)."""
+    from fbcache_ms.calibration import StaticMapFit, static_map_features
+    inputs, residuals, timesteps = _linear_trajectory(np.random.default_rng(5).standard_normal((15, 4)) * 0.1)
+    w = np.random.default_rng(6).standard_normal((15, 4)) * 0.1
+    fit = StaticMapFit(motion_ratio=0.3, gaps=(1, 2))
+    fit.add(inputs, residuals, timesteps)
+    for gap, (stale, mapped, energy) in fit.squared_errors(w).items():
+        direct = np.zeros(3)
+        for t in range(gap, len(inputs)):
+            a = t - gap
+            static = np.argsort(-((inputs[t] - inputs[a]) ** 2).sum(axis=(0, 2)))[3:]
+            x = static_map_features(inputs[t][:, static] - inputs[a][:, static], residuals[a][:, static],
+                                    timesteps[t], timesteps[a] - timesteps[t])
+            change = residuals[t][:, static] - residuals[a][:, static]
+            direct += [(change ** 2).sum(), ((change - x @ w) ** 2).sum(), (residuals[t][:, static] ** 2).sum()]
+        np.testing.assert_allclose([stale, mapped, energy], direct, rtol=1e-9)
