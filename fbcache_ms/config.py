@@ -153,6 +153,9 @@ class CacheConfig:
             # read now, so a bad file is named before anything loads or compiles
             self.teacache_coefficients() if self.method == "teacache" else self.magcache_ratios(2)
         if self.method == "fastcache" and self.calibration is not None:
+            if self.motion_ratio >= 1:
+                raise ValueError("a fastcache calibration is its static-token map, for the tokens a reduced step does "
+                                 "not run: it needs motion_ratio < 1 (at 1 every token runs)")
             calib.fastcache_static_map(self.calibration)
 
     @property

@@ -148,6 +148,8 @@ def test_bad_static_maps_are_named(tmp_path):
     calib.save_calibration(str(bad), {"fastcache": entry})
     with pytest.raises(calib.CalibrationError, match=r"\[3D \+ 3, D\]"):
         CacheConfig("fastcache", calibration=str(bad))
+    with pytest.raises(ValueError, match="needs motion_ratio < 1"):
+        CacheConfig("fastcache", motion_ratio=1.0, calibration=changed)
     missing = tmp_path / "missing.json"
     calib.save_calibration(str(missing), {"fastcache": {"static_map": "gone.safetensors", "sha256": "0"}})
     with pytest.raises(calib.CalibrationError, match="does not exist"):
