@@ -167,8 +167,11 @@ def parse_args(argv=None):
         p.error("no prompts: --one-object and --two-object are both 0")
     if not (math.isfinite(args.true_cfg_scale) and args.true_cfg_scale >= 1):
         p.error(f"--true-cfg-scale must be a finite number >= 1, got {args.true_cfg_scale}")
-    if not os.path.isdir(args.checkpoint):
-        p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
+    from pipelines.flux_pipeline import CheckpointError, inspect_checkpoint
+    try:
+        info = inspect_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        p.error(str(e))
     problem = compile_cache_problem(args.compile_cache)
     if problem:
         p.error(problem)
@@ -182,9 +185,11 @@ def parse_args(argv=None):
         p.error(str(e))
     for name in args.names:
         try:
-            cache_config(name, args.table)
+            problem = cache_config(name, args.table).model_problem(info.num_blocks, info.hidden_size)
         except ValueError as e:  # e.g. a calibration file not written yet
-            p.error(f"setting {name}: {e}")
+            problem = str(e)
+        if problem:
+            p.error(f"setting {name}: {problem}")
     return args
 
 

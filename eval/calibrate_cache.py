@@ -1,4 +1,5 @@
-"""Calibrate TeaCache, MagCache, AFCache and FastCache for one checkpoint: run it uncached on N prompts and record per step
+"""Calibrate TeaCache, MagCache, AFCache and FastCache for one checkpoint: run it uncached on N prompts, record per
+step
 - TeaCache: the relative L1 change of block 0's modulated input (x) and of the model output (y); a degree-4
   least-squares polynomial y ~ poly(x) is what TeaCache's accumulator adds per step (the authors' procedure);
 - MagCache: gamma_t, the mean over tokens of |r_t| / |r_t-1| for the block stack's image residual r;
@@ -7,13 +8,14 @@
   updates when it runs), and the threshold is the lowest at and above which the forecasts miss --target-cosine
   in at most --tolerance of cases; the same again for units of --group-sizes blocks (AFCache's group_size: a
   unit's residual is the sum of its blocks'), each with its own threshold;
-- FastCache: the map that predicts a static token's residual (a token a reduced step does not run: outside the
-  top --motion-ratio by change since its anchor, the last step it ran) from its anchor's residual, its input
-  change and the timesteps, fitted in closed form (ridge) over gaps of 1-4 steps; written beside the JSON as
-  <name>.fastcache.safetensors, with how well it predicts on half the prompts when fitted on the other half.
+- FastCache: the map that predicts a static token's residual (a token a reduced step does not run) from the
+  residual of the last step it ran (its anchor), its input change since then and the steps' progress, fitted in
+  closed form (ridge) on pairs of steps 1-4 apart, the static tokens of a pair being those outside the top
+  --motion-ratio by change over it; written beside the JSON as <name>.fastcache.safetensors, with how well it
+  predicts on half the prompts when fitted on the other half, per distance.
   Its normal equations are kept per gap and half, in float64, on the host: 8 x ((3D + 3)^2 + (3D + 3) D) numbers,
-  13 MB for the embedded model (D = 128), 7.3 GB for FLUX.1 (D = 3072), whose fit also costs, by count, about
-  40 TFLOP per prompt at 1024x1024 (numpy, on the host's CPU).
+  13 MB for the embedded model (D = 128), 7.3 GB for FLUX.1 (D = 3072), beside one call's stack inputs and
+  residuals (2 x steps x batch x tokens x D, float32 and a float64 copy: at 1024x1024, use --batch-size 1).
 Writes one JSON file (load it with --calibration FILE or CacheConfig(calibration=FILE)) and a plot of the fits
 beside it.
 
@@ -63,7 +65,8 @@ def parse_args(argv=None):
         p.error(f"--group-sizes must be at least 2 each (per block is always fitted), got {args.group_sizes}")
     args.group_sizes = sorted(set(args.group_sizes))
     if not 0.0 < args.motion_ratio < 1.0:
-        p.error(f"--motion-ratio must be in (0, 1) (1 runs every token: nothing static to map), got {args.motion_ratio}")
+        p.error(f"--motion-ratio must be in (0, 1) (1 runs every token: nothing static to map), "
+                f"got {args.motion_ratio}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if not 1 <= args.prompts <= 1024:
@@ -122,12 +125,11 @@ def afcache_calibration(pipe, prompts, steps, batch_size, cache, thresholds=AFCA
 
 def fastcache_calibration(pipe, prompts, steps, batch_size, motion_ratio):
     """FastCache's static-token map fitted on uncached runs (fbcache_ms.calibration.StaticMapFit), and on each half
-    of the prompts (even and odd images of each call) to score it on the other half.
-    -> (map [3D + 3, D], {gap: {"stale", "mapped"}} dB on the half not fitted, pooled)."""
+    of the prompts (even and odd) to score it on the other half.
+    -> (map [3D + 3, D], {steps between the pair, and "all": {"stale", "mapped" dB on the half not fitted}})."""
     from eval.cache_signals import uncached_trajectory
     from eval.probes import probe_cell, read_stack_io
     from fbcache_ms.calibration import StaticMapFit, to_db
-    from pipelines.scheduling import flux_timesteps
 
     probe = probe_cell(pipe.transformer, read_stack_io)
     halves = [StaticMapFit(motion_ratio), StaticMapFit(motion_ratio)]
@@ -135,17 +137,21 @@ def fastcache_calibration(pipe, prompts, steps, batch_size, motion_ratio):
         trajectory = [tensors for _, _, tensors in uncached_trajectory(pipe, prompts[start:start + batch_size],
                                                                        steps, probe)]
         inputs, residuals = (np.stack([step[k] for step in trajectory]) for k in (0, 1))  # [steps, B, N, D]
-        timesteps = np.asarray(flux_timesteps(pipe.scheduler, steps, inputs.shape[2])[0], np.float64) / 1000
-        for half, fit in enumerate(halves):
-            if inputs.shape[1] > half:
-                fit.add(inputs[:, half::2], residuals[:, half::2], timesteps)
-    whole = halves[0].merged(halves[1]) if halves[1].rows else halves[0]
+        for half, fit in enumerate(halves):  # prompt k goes to half k % 2
+            first = (half - start) % 2
+            if inputs.shape[1] > first:
+                fit.add(inputs[:, first::2], residuals[:, first::2])
+    whole = halves[0].merged(halves[1])
     held_out = {}
     if halves[1].rows:
         for fitted, scored in ((halves[0], halves[1]), (halves[1], halves[0])):
             for gap, errors in scored.squared_errors(fitted.solve()).items():
                 held_out[gap] = [a + b for a, b in zip(held_out.get(gap, (0.0, 0.0, 0.0)), errors)]
-    return whole.solve(), {str(g): {"stale": to_db(s, r), "mapped": to_db(m, r)} for g, (s, m, r) in held_out.items()}
+    scores = {str(g): {"stale": to_db(s, r), "mapped": to_db(m, r)} for g, (s, m, r) in sorted(held_out.items())}
+    if held_out:
+        s, m, r = (sum(e[k] for e in held_out.values()) for k in range(3))
+        scores["all"] = {"stale": to_db(s, r), "mapped": to_db(m, r)}
+    return whole.solve(), scores
 
 
 def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=25, group_sizes=(),
@@ -178,8 +184,7 @@ def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_siz
                                                    "decisions": int(replays[g][0][0])}
                                           for g, (t, f, m) in fits.items() if g > 1}}}
     static_map, held_out = fastcache_calibration(pipe, prompts, steps, batch_size, motion_ratio)
-    data["fastcache"] = {"motion_ratio": motion_ratio, "gaps": list(calib.STATIC_MAP_GAPS),
-                         "ridge": calib.STATIC_MAP_RIDGE, "held_out_db": held_out}
+    data["fastcache"] = {"motion_ratio": motion_ratio, "ridge": calib.STATIC_MAP_RIDGE, "held_out_db": held_out}
     return data, sig, static_map
 
 
@@ -261,7 +266,7 @@ def main(argv=None):
           + "".join(f"; in units of {g}: {e['threshold']:.3f} (forecasts {e['forecast_fraction']:.0%})"
                     for g, e in data["afcache"]["by_group_size"].items())
           + "; FastCache static map, on held-out prompts: "
-          + (", ".join(f"{g} steps since the anchor {e['stale']:.1f} -> {e['mapped']:.1f} dB"
+          + (", ".join(f"{g} steps apart {e['stale']:.1f} -> {e['mapped']:.1f} dB"
                        for g, e in data["fastcache"]["held_out_db"].items()) or "not scored (one prompt)"))
     return 0
 

@@ -33,10 +33,16 @@ def build_parser():
 
 
 def residual_energy(residuals, grid):
-    """Mean energy of the residuals' 2-D spectrum [h, w//2+1] (residuals [N, h*w, D])."""
+    """Mean energy of the residuals' 2-D spectrum on rfft2's half plane [h, w//2+1] (residuals [N, h*w, D]), each
+    column that stands for itself and its mirror image (not column 0, nor w/2 when w is even) counted twice, so
+    that the plane's energies sum to the full spectrum's (Parseval)."""
     h, w = grid
     spectrum = np.fft.rfft2(residuals.reshape(len(residuals), h, w, -1), axes=(1, 2))
-    return (np.abs(spectrum) ** 2).mean(axis=(0, 3))
+    mirrored = np.full(w // 2 + 1, 2.0)
+    mirrored[0] = 1.0
+    if w % 2 == 0:
+        mirrored[-1] = 1.0
+    return (np.abs(spectrum) ** 2).mean(axis=(0, 3)) * mirrored
 
 
 def restoration(residuals, projector):

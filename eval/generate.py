@@ -164,9 +164,9 @@ def check_args(args):
     if args.max_sequence_length is not None and args.max_sequence_length > info.tokenizer_max_length:
         raise UsageError(f"--max-sequence-length must be at most {info.tokenizer_max_length} for this "
                          f"checkpoint's T5 tokenizer, got {args.max_sequence_length}")
-    if cache.uses_fbcache and cache.fn + cache.bn >= info.num_blocks:
-        raise UsageError(f"--fn + --bn must be below the model's {info.num_blocks} blocks, got "
-                         f"{cache.fn} + {cache.bn}")
+    problem = cache.model_problem(info.num_blocks, info.hidden_size)
+    if problem:
+        raise UsageError(problem)
     items = [PromptItem(p.strip()) for p in args.prompt or []]
     if args.prompt_file:
         items += load_prompts(args.prompt_file)[:args.limit]

@@ -73,9 +73,11 @@ class Replay:
         return ms.Tensor(np.full(1, self.timesteps[i], np.float32), self.pipe.dtype) / 1000
 
     def policy(self, cache):
-        """The pipeline's own policy cell and compiled step for `cache`, its state reset."""
+        """The pipeline's own policy cell and compiled step for `cache`, its state reset (and loaded, as the
+        pipeline does)."""
         policy, step = self.pipe.cache_policy(cache, "cond", 1, self.tokens, self.args.text_tokens, self.grid)
         policy.reset()
+        policy.load(cache)
         return policy, step
 
     def record(self, cache):

@@ -28,7 +28,7 @@ from utils import write_json_atomic
 CALIBRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibrations")
 FLUX_DEV = os.path.join(CALIBRATIONS, "flux1-dev.json")
 TEACACHE_DEGREE = 4
-STATIC_MAP_GAPS = (1, 2, 3, 4)  # steps since a static token last ran, fitted together
+STATIC_MAP_GAPS = (1, 2, 3, 4)  # steps between the pairs the static-token map is fitted on
 STATIC_MAP_RIDGE = 1e-3  # ridge, relative to the mean diagonal of X^T X
 
 
@@ -97,6 +97,8 @@ def fastcache_static_map(path):
     """FastCache's static-token map [3D + 3, D] (float32) from the calibration in `path`; CalibrationError names a
     missing entry or file, a changed file (sha256) or a wrong shape."""
     entry = load_calibration(path).get("fastcache", {})
+    if not isinstance(entry, dict):
+        raise CalibrationError(f"calibration file {path!r}: fastcache must be an object")
     name = entry.get("static_map")
     if not isinstance(name, str):
         raise CalibrationError(f"calibration file {path!r} has no fastcache.static_map (python -m "
@@ -104,7 +106,9 @@ def fastcache_static_map(path):
     weights = os.path.join(os.path.dirname(os.path.abspath(path)), name)
     if not os.path.isfile(weights):
         raise CalibrationError(f"calibration file {path!r}: its fastcache.static_map {weights!r} does not exist")
-    if _sha256(weights) != entry.get("sha256"):
+    if not isinstance(entry.get("sha256"), str):
+        raise CalibrationError(f"calibration file {path!r} has no fastcache.sha256 for {weights!r}")
+    if _sha256(weights) != entry["sha256"]:
         raise CalibrationError(f"calibration file {path!r}: {weights!r} is not the file it was written with "
                                "(sha256 differs)")
     from safetensors.numpy import load_file
@@ -115,53 +119,60 @@ def fastcache_static_map(path):
     return w.astype(np.float32)
 
 
-def static_map_features(dh, r0, t, dt):
+def static_map_features(dh, r0, p, dp):
     """Inputs of FastCache's static-token map, in this order: the token's input change since its anchor (the last
-    step it ran) dh [..., D], its residual there r0 [..., D], 1, the timestep t, dt = the anchor's timestep - t
-    (scalars or [..., 1]) and r0 * dt. -> [..., 3D + 3]. The map predicts the residual's change since the anchor."""
+    step it ran) dh [..., D], its residual there r0 [..., D], 1, the step's progress p = step / steps, dp = p - the
+    anchor's progress (scalars or [..., 1]) and r0 * dp. -> [..., 3D + 3]. The map predicts the residual's change
+    since the anchor. Progress, not the timestep: it is exact on the host, where a bf16 timestep is not."""
     one = np.ones(r0.shape[:-1] + (1,))
-    return np.concatenate([dh, r0, one, one * t, one * dt, r0 * dt], axis=-1)
+    return np.concatenate([dh, r0, one, one * p, one * dp, r0 * dp], axis=-1)
 
 
 class StaticMapFit:
-    """Normal equations of the ridge fit (r_t - r_a) ~ static_map_features(h_t - h_a, r_a, t_t, t_a - t_t) @ W over
-    FastCache's static tokens in uncached runs: at each step t and gap t - a in `gaps`, the image tokens outside
-    the top ceil(motion_ratio * N) by saliency ||h_t - h_a||^2 summed over the batch (one selection per batch, as
-    the policy). Accumulated per gap, so that errors per gap are exact without keeping the runs:
-    ||Y - X W||^2 = Y'Y - 2 <W, X'Y> + <W, X'X W>. Memory: 2 (3D + 3)^2 float64 per gap."""
+    """Normal equations of the ridge fit (r_t - r_a) ~ static_map_features(h_t - h_a, r_a, p_t, p_t - p_a) @ W over
+    static tokens of uncached runs, open loop on pairs of steps: at each step t and gap t - a in `gaps`, the image
+    tokens outside the top ceil(motion_ratio * N) by change over the pair, ||h_t - h_a||^2 summed over the batch.
+    Not the policy's own selection (by change since the previous computed step, so that most static tokens keep
+    the anchor of step 0): a fit on that selection, replayed on the same runs, was tried and did worse end to end
+    (README, "FastCache's static-token map"). Accumulated per gap, so that errors per gap are exact without keeping
+    the runs: ||Y - X W||^2 = Y'Y - 2 <W, X'Y> + <W, X'X W>. Memory: (3D + 3)^2 + (3D + 3) D float64 per gap."""
 
     def __init__(self, motion_ratio, gaps=STATIC_MAP_GAPS):
         self.motion_ratio, self.gaps = motion_ratio, tuple(gaps)
         self.xtx, self.xty, self.yty, self.rtr, self.rows = {}, {}, {}, {}, {}
 
-    def add(self, inputs, residuals, timesteps):
-        """inputs, residuals [steps, B, N, D]: the stack's image input and residual per step; timesteps [steps]."""
+    def add(self, inputs, residuals):
+        """inputs, residuals [steps, B, N, D]: the stack's image input and residual at every step of one call."""
         from fbcache_ms.fastcache import motion_tokens
         inputs, residuals = np.asarray(inputs, np.float64), np.asarray(residuals, np.float64)
-        k = motion_tokens(inputs.shape[2], self.motion_ratio)
+        steps, _, tokens, _ = inputs.shape
+        k = motion_tokens(tokens, self.motion_ratio)
         for gap in self.gaps:
-            for t in range(gap, len(inputs)):
+            for t in range(gap, steps):
                 a = t - gap
                 saliency = ((inputs[t] - inputs[a]) ** 2).sum(axis=(0, 2))
                 static = np.sort(np.argsort(-saliency, kind="stable")[k:])
                 x = static_map_features(inputs[t][:, static] - inputs[a][:, static], residuals[a][:, static],
-                                        timesteps[t], timesteps[a] - timesteps[t])
+                                        t / steps, gap / steps)
                 x = x.reshape(-1, x.shape[-1])
                 y = (residuals[t] - residuals[a])[:, static].reshape(len(x), -1)
-                if gap not in self.xtx:
-                    f, d = x.shape[1], y.shape[1]
-                    self.xtx[gap], self.xty[gap], self.yty[gap], self.rtr[gap], self.rows[gap] = \
-                        np.zeros((f, f)), np.zeros((f, d)), 0.0, 0.0, 0
-                self.xtx[gap] += x.T @ x
-                self.xty[gap] += x.T @ y
-                self.yty[gap] += float((y * y).sum())
-                self.rtr[gap] += float((residuals[t][:, static] ** 2).sum())
-                self.rows[gap] += len(x)
+                self._add(gap, x.T @ x, x.T @ y, float((y * y).sum()), float((residuals[t][:, static] ** 2).sum()),
+                          len(x))
+
+    def _add(self, gap, xtx, xty, yty, rtr, rows):
+        if gap not in self.xtx:
+            self.xtx[gap], self.xty[gap], self.yty[gap], self.rtr[gap], self.rows[gap] = \
+                np.zeros_like(xtx), np.zeros_like(xty), 0.0, 0.0, 0
+        self.xtx[gap] += xtx
+        self.xty[gap] += xty
+        self.yty[gap] += yty
+        self.rtr[gap] += rtr
+        self.rows[gap] += rows
 
     def solve(self, ridge=STATIC_MAP_RIDGE):
         """W [3D + 3, D] (float32) of the fit pooled over every gap."""
         if not self.rows:
-            raise CalibrationError("the static-token map has no token rows: run more steps than the largest gap")
+            raise CalibrationError("the static-token map has no token rows: run more steps than its smallest gap")
         xtx, xty = sum(self.xtx.values()), sum(self.xty.values())
         a = xtx + ridge * np.trace(xtx) / len(xtx) * np.eye(len(xtx))
         return np.linalg.solve(a, xty).astype(np.float32)
@@ -177,10 +188,9 @@ class StaticMapFit:
     def merged(self, other):
         """This fit's equations plus `other`'s."""
         out = StaticMapFit(self.motion_ratio, self.gaps)
-        for gap in self.xtx:
-            out.xtx[gap], out.xty[gap] = self.xtx[gap] + other.xtx[gap], self.xty[gap] + other.xty[gap]
-            out.yty[gap], out.rtr[gap] = self.yty[gap] + other.yty[gap], self.rtr[gap] + other.rtr[gap]
-            out.rows[gap] = self.rows[gap] + other.rows[gap]
+        for fit in (self, other):
+            for gap in fit.xtx:
+                out._add(gap, fit.xtx[gap], fit.xty[gap], fit.yty[gap], fit.rtr[gap], fit.rows[gap])
         return out
 
 

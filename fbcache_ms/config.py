@@ -167,6 +167,17 @@ class CacheConfig:
         """Methods whose cached image residual can be Fourier-compressed."""
         return self.uses_fbcache or (self.method == "taylorseer" and self.variant == "residual")
 
+    def model_problem(self, num_blocks, hidden_size):
+        """What makes this config unusable with a model of these sizes (a line naming it), or None."""
+        if self.uses_fbcache and self.fn + self.bn >= num_blocks:
+            return f"--fn + --bn must be below the model's {num_blocks} blocks, got {self.fn} + {self.bn}"
+        if self.static_map:
+            dim = calib.fastcache_static_map(self.calibration).shape[1]
+            if dim != hidden_size:
+                return (f"calibration {self.calibration!r}: its FastCache static map is for hidden size {dim}, the "
+                        f"model's is {hidden_size}")
+        return None
+
     @property
     def static_map(self):
         """FastCache with a calibration: static tokens' residuals are predicted by its map."""

@@ -24,11 +24,13 @@ residual from the last step they ran; the computed tokens are scattered back in 
 every token.
 
 Static-token map (with a calibration, eval.calibrate_cache): a static token's residual is instead predicted from
-its anchor (the last step it ran, whose input h_a, residual r_a and timestep t_a are kept) as
-r_a + static_map_features(h - h_a, r_a, t, t_a - t) @ W (calibration.static_map_features), W fitted in closed form
-(ridge) on uncached runs. The anchors keep the computed values, never predicted ones. FastCache's paper maps a
-static token's input to its output by one linear map; a block stack's residual is far from linear in its input,
-while its change since the anchor is small: the map corrects the anchor's residual instead of replacing it.
+its anchor (the last step it ran, whose input h_a, residual r_a and progress p_a = step / steps are kept) as
+r_a + static_map_features(h - h_a, r_a, p, p - p_a) @ W (calibration.static_map_features), W fitted in closed
+form (ridge) on the static tokens of uncached runs, selected as here. The anchors keep the computed values, never
+predicted ones. FastCache's paper maps a static token's input to its output by one linear map; a block stack's
+residual is far from linear in its input, while its change since the anchor is small: the map corrects the
+anchor's residual instead of replacing it. Skipped steps reuse the stored residual as it is (the map there was
+tried and lost: README).
 """
 import math
 
@@ -68,7 +70,7 @@ class FastCache(WholeStackCache):
             dim = transformer.config.dim
             self.static_map = Feature((3 * dim + 3, dim), ms.float32, "static_map")
             self.anchor_h = Feature(self.residual.value.shape, transformer.dtype, "anchor_input")
-            self.anchor_t = Feature((1, image_tokens, 1), ms.float32, "anchor_timestep")
+            self.anchor_p = Feature((1, image_tokens, 1), ms.float32, "anchor_progress")
 
     def load(self, cache):
         if self.mapped:
@@ -81,7 +83,8 @@ class FastCache(WholeStackCache):
 
     def step_inputs(self, cache, i, num_steps):
         return (ms.Tensor(float(i), ms.float32), ms.Tensor(cache.threshold, ms.float32),
-                ms.Tensor(chi2_bound(self.image_tokens, cache.alpha), ms.float32))
+                ms.Tensor(chi2_bound(self.image_tokens, cache.alpha), ms.float32),
+                ms.Tensor(i / num_steps, ms.float32))
 
     def tokens_run(self, computed, step=0):
         if not computed:
@@ -96,24 +99,28 @@ class FastCache(WholeStackCache):
             (self.text_tokens + self.k) / (self.text_tokens + self.image_tokens)
         return self.transformer.num_blocks * share
 
-    def _full_stack(self, h, e, temb, cos, sin, t):
+    def _full_stack(self, h, e, temb, cos, sin, p):
         h_out = self.transformer.run_blocks(h, e, temb, cos, sin)[0]
         self.residual.store(h_out - h)
         if self.mapped:
             self.anchor_h.store(h)
-            self.anchor_t.store(ops.full_like(self.anchor_t.value, 1.0) * t)
+            self.anchor_p.store(ops.full_like(self.anchor_p.value, 1.0) * p)
         return h_out
 
-    def _predicted_residual(self, h, t):
-        """Every token's residual predicted from its anchor: r_a + static_map_features(h - h_a, r_a, t, t_a - t) @ W."""
+    def map_features(self, h, p):
+        """calibration.static_map_features of every token from its anchor, [B, N, 3D + 3] float32."""
         r0 = self.residual.value.astype(ms.float32)
-        dt = self.anchor_t.value - t  # [1, N, 1]
+        dp = p - self.anchor_p.value  # [1, N, 1]
         ones = ops.ones_like(r0[..., :1])
-        features = ops.cat([h.astype(ms.float32) - self.anchor_h.value.astype(ms.float32), r0, ones, ones * t,
-                            ones * dt, r0 * dt], axis=-1)
-        return (r0 + ops.matmul(features, self.static_map.value)).astype(h.dtype)
+        return ops.cat([h.astype(ms.float32) - self.anchor_h.value.astype(ms.float32), r0, ones, ones * p, ones * dp,
+                        r0 * dp], axis=-1)
 
-    def _reduced_stack(self, h, e, temb, cos, sin, saliency, t):
+    def _predicted_residual(self, h, p):
+        """Every token's residual predicted from its anchor: r_a + features @ W."""
+        r0 = self.residual.value.astype(ms.float32)
+        return (r0 + ops.matmul(self.map_features(h, p), self.static_map.value)).astype(h.dtype)
+
+    def _reduced_stack(self, h, e, temb, cos, sin, saliency, p):
         """Run the top-k salient image tokens (and all text tokens) through the stack; the rest reuse."""
         idx = ops.topk(saliency, self.k)[1]  # [k]; [1], not a discarded tuple element: MindSpore warns on those
         idx = idx.astype(ms.int32)
@@ -126,15 +133,15 @@ class FastCache(WholeStackCache):
         place = (ops.arange(self.image_tokens, dtype=ms.int32).reshape(-1, 1) == idx.reshape(1, -1)).astype(h.dtype)
         moved = place.sum(axis=1).reshape(1, -1, 1)
         computed = ops.matmul(place, out_motion - h_motion)
-        static = self._predicted_residual(h, t) if self.mapped else self.residual.value
+        static = self._predicted_residual(h, p) if self.mapped else self.residual.value
         self.residual.store(self.residual.value * (1 - moved) + computed)  # anchors: computed values only
         if self.mapped:
             self.anchor_h.store(self.anchor_h.value * (1 - moved) + h * moved)
-            self.anchor_t.store(self.anchor_t.value * (1 - moved) + t * moved)
+            self.anchor_p.store(self.anchor_p.value * (1 - moved) + p * moved)
         return h + (static * (1 - moved) + computed)
 
     def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                  guidance, step, threshold, chi2_over_n):
+                  guidance, step, threshold, chi2_over_n, progress):
         t = self.transformer
         h, e, temb, cos, sin = t.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                        img_ids, txt_ids, guidance)
@@ -145,7 +152,6 @@ class FastCache(WholeStackCache):
         spread = ((per_token - per_token.mean()) ** 2).mean()
         tau = ops.maximum(threshold + TAU_COEFFICIENTS[0] * spread + TAU_COEFFICIENTS[1] * step
                           + TAU_COEFFICIENTS[2] * step * step, 0.0)
-        now = timestep[0].astype(ms.float32)
         has_signal = self.filled & (step > 0)  # read before a branch below stores
         skip = has_signal & (delta * delta <= tau * tau * chi2_over_n)
         if skip:
@@ -153,11 +159,12 @@ class FastCache(WholeStackCache):
         else:
             if self.reduce:
                 if self.filled:
-                    h_out = self._reduced_stack(h, e, temb, cos, sin, (change ** 2).sum(axis=-1).sum(axis=0), now)
+                    saliency = (change ** 2).sum(axis=-1).sum(axis=0)
+                    h_out = self._reduced_stack(h, e, temb, cos, sin, saliency, progress)
                 else:
-                    h_out = self._full_stack(h, e, temb, cos, sin, now)
+                    h_out = self._full_stack(h, e, temb, cos, sin, progress)
             else:
-                h_out = self._full_stack(h, e, temb, cos, sin, now)
+                h_out = self._full_stack(h, e, temb, cos, sin, progress)
             self.prev_h.store(h)
             ops.assign(self.filled, ms.Tensor(True))
         return t.head(h_out, temb), ops.logical_not(skip), signal_where(has_signal, delta)

@@ -117,6 +117,7 @@ class CheckpointInfo:
     tokenizer_max_length: int
     size_multiple: int  # height and width must be multiples of this (2 x the VAE's scale factor)
     num_blocks: int
+    hidden_size: int  # the transformer's inner dimension: heads x head dim
     guidance_embeds: bool
 
 
@@ -153,6 +154,7 @@ def inspect_checkpoint(path):
         tokenizer_max_length=int(min(tok_max, 512)),
         size_multiple=2 * 2 ** (len(v.get("block_out_channels", (1, 1, 1, 1))) - 1),
         num_blocks=int(t.get("num_layers", 19)) + int(t.get("num_single_layers", 38)),
+        hidden_size=int(t.get("num_attention_heads", 24)) * int(t.get("attention_head_dim", 128)),
         guidance_embeds=bool(t.get("guidance_embeds", False)))
 
 

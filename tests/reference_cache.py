@@ -135,7 +135,7 @@ class ReferenceCache:
         self.fourier_ratio, self.grid = fourier_ratio, grid
         self.alpha, self.motion_ratio, self.prev_h = alpha, motion_ratio, None
         # FastCache's static-token map [3D + 3, D] (numpy) and each token's anchor: the step it last ran
-        self.static_map, self.anchor_h, self.anchor_t = static_map, None, None
+        self.static_map, self.anchor_h, self.anchor_p = static_map, None, None
         self.interval, self.warmup, self.variant = interval, warmup, variant
         self.fn, self.bn, self.steps = fn, bn, steps
         self.coefficients, self.ratios, self.max_skip, self.retention = coefficients, ratios, max_skip, retention
@@ -200,23 +200,23 @@ class ReferenceCache:
         self.ratio, self.error, self.skipped = 1.0, 0.0, 0
         return False
 
-    def _static_residual(self, h, t):
-        """FastCache's static tokens with a map: the anchor's residual plus W applied to [h - h_a, r_a, 1, t,
-        t_a - t, r_a (t_a - t)] (fastcache.py's docstring), per token, in float64."""
+    def _static_residual(self, h, p):
+        """FastCache's static tokens with a map: the anchor's residual plus W applied to [h - h_a, r_a, 1, p,
+        p - p_a, r_a (p - p_a)] (p = step / steps; fastcache.py's docstring), per token, in float64."""
         r0 = self.residual.double()
-        dt = self.anchor_t[None, :, None] - t
+        dp = p - self.anchor_p[None, :, None]
         one = torch.ones_like(r0[..., :1])
-        features = torch.cat([h.double() - self.anchor_h, r0, one, one * t, one * dt, r0 * dt], dim=-1)
+        features = torch.cat([h.double() - self.anchor_h, r0, one, one * p, one * dp, r0 * dp], dim=-1)
         return (r0 + features @ torch.from_numpy(self.static_map).double()).to(h.dtype)
 
-    def _fastcache(self, flux, step, h, e, temb, rope, timestep):
+    def _fastcache(self, flux, step, h, e, temb, rope):
         """FastCache as fbcache_ms/fastcache.py states it: chi-square skip at level alpha with the adaptive
         scale tau (exact chi-square quantile here), top-k motion tokens with their RoPE rows, the rest reusing
         (with a static map: their anchor's residual corrected by it)."""
         from scipy.stats import chi2
         x = h.double()
         n_tok = x.shape[1]
-        t = float(timestep[0])
+        p = step / self.steps if self.static_map is not None else None
         if self.prev_h is not None and step > 0:
             change = x - self.prev_h
             delta = float(torch.sqrt((change ** 2).sum() / (self.prev_h ** 2).sum()))
@@ -231,18 +231,18 @@ class ReferenceCache:
                 txt = e.shape[1]
                 rope_k = tuple(torch.cat([r[:txt], r[txt:][idx]]) for r in rope)
                 hf, _ = flux.blocks_from(0, h[:, idx], e, temb, rope_k)
-                used = self.residual.clone() if self.static_map is None else self._static_residual(h, t)
+                used = self.residual.clone() if self.static_map is None else self._static_residual(h, p)
                 used[:, idx] = hf - h[:, idx]
                 self.residual = self.residual.clone()
                 self.residual[:, idx] = hf - h[:, idx]
                 if self.static_map is not None:
-                    self.anchor_h, self.anchor_t = self.anchor_h.clone(), self.anchor_t.clone()
-                    self.anchor_h[:, idx], self.anchor_t[idx] = x[:, idx], t
+                    self.anchor_h, self.anchor_p = self.anchor_h.clone(), self.anchor_p.clone()
+                    self.anchor_h[:, idx], self.anchor_p[idx] = x[:, idx], p
                 self.prev_h = x
                 return flux.head(h + used, temb), True
         hf, _ = flux.blocks_from(0, h, e, temb, rope)
         self.residual, self.prev_h = hf - h, x
-        self.anchor_h, self.anchor_t = x, torch.full((n_tok,), t, dtype=torch.float64)
+        self.anchor_h, self.anchor_p = x, torch.full((n_tok,), step / (self.steps or 1), dtype=torch.float64)
         return flux.head(hf, temb), True
 
     def _afcache_spans(self, u, step):
@@ -318,7 +318,7 @@ class ReferenceCache:
         if self.method == "afcache":
             return self._afcache(flux, step, h, e, temb, rope)
         if self.method == "fastcache":
-            return self._fastcache(flux, step, h, e, temb, rope, inputs[3])
+            return self._fastcache(flux, step, h, e, temb, rope)
         if self.method in ("teacache", "magcache"):
             if self._skip_whole_stack(flux, step, h, e, temb, rope):
                 return flux.head(h + self.residual, temb), False

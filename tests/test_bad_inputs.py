@@ -38,6 +38,17 @@ def _truncate(path):
 
 
 # (name, arguments; "{file}" is replaced by the file the maker writes, "{ckpt}" by the checkpoint), message
+def _wide_static_map(tmp_path, checkpoint):
+    """A FastCache calibration whose static map is for a hidden size 4 wider than the checkpoint's."""
+    import numpy as np
+    from fbcache_ms import calibration as calib
+    config = json.loads((tmp_path.__class__(checkpoint) / "transformer" / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"] + 4
+    path = str(tmp_path / "wide.json")
+    calib.save_calibration(path, {"fastcache": calib.save_static_map(path, np.zeros((3 * dim + 3, dim), np.float32))})
+    return path
+
+
 CASES = [
     ("no prompts", [], "no prompts"),
     ("empty prompt", ["--prompt", " "], "--prompt: an empty prompt"),
@@ -96,6 +107,8 @@ CASES = [
                                         "--taylorseer_derivative", "-1"], "--taylorseer_derivative must be >= 0"),
     ("two cache flag styles", ["--prompt", "a", "--cache", "fbcache", "--residual_diff_threshold", "0.1"],
      "either --cache or mindone's"),
+    ("FastCache static map of another size", ["--prompt", "a", "--cache", "fastcache", "--calibration",
+                                              _wide_static_map], "static map is for hidden size"),
     ("missing checkpoint", ["--prompt", "a", "--checkpoint", "/nonexistent/flux"], "does not exist"),
     ("checkpoint without vae", ["--prompt", "a", "--checkpoint",
                                 _damaged_checkpoint(lambda p: shutil.rmtree(p / "vae"))], r"missing sub-folder\(s\) \['vae'\]"),

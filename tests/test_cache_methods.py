@@ -248,7 +248,7 @@ def test_calibrate_command_writes_a_loadable_calibration(tmp_path):
     fc = data["fastcache"]  # the static map, for the embedded model's hidden size (4 heads x 32)
     assert (tmp_path / fc["static_map"]).is_file() and fc["motion_ratio"] == 0.5
     assert calib.fastcache_static_map(str(out)).shape == (3 * 128 + 3, 128)
-    assert set(fc["held_out_db"]) == {"1", "2", "3", "4"}
+    assert set(fc["held_out_db"]) == {"1", "2", "3", "4", "all"}
     assert all(np.isfinite([e["stale"], e["mapped"]]).all() for e in fc["held_out_db"].values())
     assert CacheConfig("fastcache", calibration=str(out)).static_map
 

@@ -102,7 +102,7 @@ def test_static_map_matches_reference(torch_dev_pipeline, dev_pipeline, tmp_path
     calibration = _map_calibration(tmp_path / "map.json", w)
     kw = dict(threshold=0.12, alpha=0.05, motion_ratio=motion_ratio)
     expected, ref_pattern = reference_run(torch_dev_pipeline, _latents(seed=7), "a cat", method="fastcache",
-                                          static_map=w, **kw)
+                                          static_map=w, steps=STEPS, **kw)
     ours, pattern = _ours(dev_pipeline, _latents(seed=7), "a cat", CacheConfig("fastcache", calibration=calibration,
                                                                                **kw))
     assert pattern == ref_pattern and pattern["cond"][1:].count("C") >= 2
@@ -150,50 +150,80 @@ def test_bad_static_maps_are_named(tmp_path):
         CacheConfig("fastcache", calibration=str(bad))
     with pytest.raises(ValueError, match="needs motion_ratio < 1"):
         CacheConfig("fastcache", motion_ratio=1.0, calibration=changed)
+    for content, match in (({"fastcache": [1]}, "must be an object"),
+                           ({"fastcache": {"static_map": "changed.fastcache.safetensors"}}, "no fastcache.sha256")):
+        odd = tmp_path / "changed.json"  # beside the weights written above
+        calib.save_calibration(str(odd), content)
+        with pytest.raises(calib.CalibrationError, match=match):
+            CacheConfig("fastcache", calibration=str(odd))
     missing = tmp_path / "missing.json"
     calib.save_calibration(str(missing), {"fastcache": {"static_map": "gone.safetensors", "sha256": "0"}})
     with pytest.raises(calib.CalibrationError, match="does not exist"):
         CacheConfig("fastcache", calibration=str(missing))
 
 
-def _linear_trajectory(w, steps=6, batch=3, tokens=10, dim=4, seed=0):
-    """Stack inputs and residuals whose every step-to-step residual change is exactly the map `w` (gap 1)."""
-    from fbcache_ms.calibration import static_map_features
+def _linear_trajectory(steps=6, batch=3, tokens=10, dim=4, seed=0):
+    """Stack inputs and residuals r_t = h_t W1 + p_t b + c (per token c), so that between any two steps the
+    residual's change is static_map_features(...) @ W exactly, W = W1 in the input-change rows, b in the progress
+    change row, 0 elsewhere. -> (inputs, residuals, W)."""
     rng = np.random.default_rng(seed)
     inputs = np.cumsum(rng.standard_normal((steps, batch, tokens, dim)), axis=0)
-    timesteps = np.sort(rng.uniform(0.05, 1.0, steps))[::-1]  # uneven gaps: t and t_a - t not collinear
-    residuals = [rng.standard_normal((batch, tokens, dim))]
-    for t in range(1, steps):
-        x = static_map_features(inputs[t] - inputs[t - 1], residuals[-1], timesteps[t], timesteps[t - 1] - timesteps[t])
-        residuals.append(residuals[-1] + x @ w)
-    return inputs, np.stack(residuals), timesteps
+    w = np.zeros((3 * dim + 3, dim))
+    w[:dim] = rng.standard_normal((dim, dim)) * 0.3
+    w[2 * dim + 2] = rng.standard_normal(dim)
+    progress = np.arange(steps) / steps
+    residuals = inputs @ w[:dim] + progress[:, None, None, None] * w[2 * dim + 2] \
+        + rng.standard_normal((batch, tokens, dim))
+    return inputs, residuals, w
 
 
 def test_static_map_fit_recovers_a_known_map():
     from fbcache_ms.calibration import StaticMapFit
-    w = np.random.default_rng(5).standard_normal((15, 4)) * 0.1
-    fit = StaticMapFit(motion_ratio=0.3, gaps=(1,))
-    fit.add(*_linear_trajectory(w))
+    inputs, residuals, w = _linear_trajectory()
+    fit = StaticMapFit(motion_ratio=0.3, gaps=(1, 2, 3))
+    fit.add(inputs, residuals)
     np.testing.assert_allclose(fit.solve(ridge=1e-10), w, atol=1e-4)
-    stale, mapped, energy = fit.squared_errors(fit.solve(ridge=1e-10))[1]
-    assert mapped < 1e-6 * stale and energy > 0
+    for stale, mapped, energy in fit.squared_errors(fit.solve(ridge=1e-10)).values():
+        assert mapped < 1e-6 * stale and energy > 0
 
 
 def test_static_map_errors_equal_their_direct_computation():
-    """The accumulated form ||Y - XW||^2 = Y'Y - 2 <W, X'Y> + <W, X'X W> against the static tokens' errors computed
-    from the runs directly, at gaps 1 and 2 (the static tokens: outside the top 3 of 10 by change since the anchor)."""
+    """The accumulated ||Y - XW||^2 = Y'Y - 2 <W, X'Y> + <W, X'X W> per gap against the static tokens' errors
+    computed directly: at each step t and gap g, the tokens outside the top 3 of 10 by change since t - g."""
     from fbcache_ms.calibration import StaticMapFit, static_map_features
-    inputs, residuals, timesteps = _linear_trajectory(np.random.default_rng(5).standard_normal((15, 4)) * 0.1)
+    inputs, residuals, _ = _linear_trajectory(steps=7, seed=1)
+    residuals = residuals + np.random.default_rng(2).standard_normal(residuals.shape) * 0.1  # not exactly linear
     w = np.random.default_rng(6).standard_normal((15, 4)) * 0.1
     fit = StaticMapFit(motion_ratio=0.3, gaps=(1, 2))
-    fit.add(inputs, residuals, timesteps)
-    for gap, (stale, mapped, energy) in fit.squared_errors(w).items():
+    fit.add(inputs, residuals)
+    errors = fit.squared_errors(w)
+    assert set(errors) == {1, 2}
+    for gap in (1, 2):
         direct = np.zeros(3)
-        for t in range(gap, len(inputs)):
+        for t in range(gap, 7):
             a = t - gap
             static = np.argsort(-((inputs[t] - inputs[a]) ** 2).sum(axis=(0, 2)))[3:]
-            x = static_map_features(inputs[t][:, static] - inputs[a][:, static], residuals[a][:, static],
-                                    timesteps[t], timesteps[a] - timesteps[t])
+            x = static_map_features(inputs[t][:, static] - inputs[a][:, static], residuals[a][:, static], t / 7,
+                                    gap / 7)
             change = residuals[t][:, static] - residuals[a][:, static]
             direct += [(change ** 2).sum(), ((change - x @ w) ** 2).sum(), (residuals[t][:, static] ** 2).sum()]
-        np.testing.assert_allclose([stale, mapped, energy], direct, rtol=1e-9)
+        np.testing.assert_allclose(errors[gap], direct, rtol=1e-9)
+
+
+def test_graph_features_are_the_fits(dev_pipeline, tmp_path):
+    """The policy's map inputs (graph code) against calibration.static_map_features (what the map is fitted on),
+    from the same anchors: a change of order or of the progress scale on either side fails here."""
+    import mindspore as ms
+    from fbcache_ms.calibration import static_map_features
+    from fbcache_ms.policies import make_policy
+    dim = dev_pipeline.transformer.config.dim
+    calibration = _map_calibration(tmp_path / "map.json", _random_map(dim, seed=3))
+    policy = make_policy(CacheConfig("fastcache", motion_ratio=0.5, calibration=calibration),
+                         dev_pipeline.transformer, 2, 16, 16)
+    rng = np.random.default_rng(4)
+    h, h_a, r_a = (rng.standard_normal((2, 16, dim)).astype(np.float32) for _ in range(3))
+    p_a = rng.uniform(0, 0.5, (1, 16, 1)).astype(np.float32)
+    for feature, value in ((policy.anchor_h, h_a), (policy.residual, r_a), (policy.anchor_p, p_a)):
+        feature.store(ms.Tensor(value))
+    ours = policy.map_features(ms.Tensor(h), ms.Tensor(0.75, ms.float32)).asnumpy()
+    np.testing.assert_allclose(ours, static_map_features(h - h_a, r_a, 0.75, 0.75 - p_a), rtol=1e-6, atol=1e-6)

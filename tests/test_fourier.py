@@ -119,3 +119,16 @@ def test_frequency_analysis_command(tiny_dev_checkpoint, tmp_path, capsys):
     assert len(set(low["psnr_db"])) == 3  # one figure per step, from that step's residual
     assert "| 0.3 |" in capsys.readouterr().out
     assert fourier_analysis.main(["--ratios", "0,1", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (4, 5), (3, 6)])
+def test_spectrum_energy_sums_to_the_residuals_energy(grid):
+    """The analysis' half-plane spectrum counts each mirrored column twice: its total is the full spectrum's,
+    h w times the residuals' own energy (Parseval), and a constant residual has all of it at DC."""
+    from eval.fourier_analysis import residual_energy
+    h, w = grid
+    x = np.random.default_rng(0).standard_normal((3, h * w, 5))
+    energy = residual_energy(x, grid)
+    np.testing.assert_allclose(energy.sum(), h * w * (x ** 2).sum(axis=1).mean(), rtol=1e-10)
+    constant = residual_energy(np.ones((1, h * w, 2)), grid)
+    assert constant[0, 0] == pytest.approx(constant.sum())
