@@ -1,5 +1,5 @@
-"""Calibrate TeaCache, MagCache, AFCache and FastCache for one checkpoint: run it uncached on N prompts, record per
-step
+"""Calibrate TeaCache, MagCache, AFCache and FastCache for one checkpoint: run it uncached on N prompts and record,
+per step:
 - TeaCache: the relative L1 change of block 0's modulated input (x) and of the model output (y); a degree-4
   least-squares polynomial y ~ poly(x) is what TeaCache's accumulator adds per step (the authors' procedure);
 - MagCache: gamma_t, the mean over tokens of |r_t| / |r_t-1| for the block stack's image residual r;

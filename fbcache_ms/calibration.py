@@ -12,13 +12,13 @@ CacheConfig).
 afcache.threshold is fitted per block (group_size 1); by_group_size holds the thresholds fitted for units of
 blocks (AFCache's group_size > 1: one residual and one stability per unit), replayed on the units' residuals.
 fastcache.static_map names a safetensors file beside the JSON (its weights are too many for JSON): the ridge map
-that predicts a static token's residual (fit_static_map); its sha256 is in the JSON, so the JSON's content
+that predicts a static token's residual (StaticMapFit); its sha256 is in the JSON, so the JSON's content
 decides the images and a changed weights file is refused.
 """
-import hashlib
-import math
 import functools
+import hashlib
 import json
+import math
 import os
 
 import numpy as np

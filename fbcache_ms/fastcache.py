@@ -26,10 +26,11 @@ every token.
 Static-token map (with a calibration, eval.calibrate_cache): a static token's residual is instead predicted from
 its anchor (the last step it ran, whose input h_a, residual r_a and progress p_a = step / steps are kept) as
 r_a + static_map_features(h - h_a, r_a, p, p - p_a) @ W (calibration.static_map_features), W fitted in closed
-form (ridge) on the static tokens of uncached runs, selected as here. The anchors keep the computed values, never
-predicted ones. FastCache's paper maps a static token's input to its output by one linear map; a block stack's
-residual is far from linear in its input, while its change since the anchor is small: the map corrects the
-anchor's residual instead of replacing it. Skipped steps reuse the stored residual as it is (the map there was
+form (ridge) on static tokens of uncached runs, paired with steps 1-4 before them (calibration.StaticMapFit: not
+this policy's own selection, which did worse). The anchors keep the computed values, never predicted ones.
+FastCache's paper maps a static token's input to its output by one linear map; a block stack's residual is far
+from linear in its input, while its change since the anchor is small: the map corrects the anchor's residual
+instead of replacing it. Skipped steps reuse the stored residual as it is (the map there was
 tried and lost: README).
 """
 import math
