@@ -45,13 +45,17 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def write_text_atomic(path, text):
+def write_bytes_atomic(path, data):
     """Write to a temporary name, then rename: a killed run never leaves half a file (the pid keeps two writers of
     one path apart)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path, text):
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path, data, indent=1):

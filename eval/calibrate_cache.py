@@ -14,8 +14,10 @@ per step:
   --motion-ratio by change over it; written beside the JSON as <name>.fastcache.safetensors, with how well it
   predicts on half the prompts when fitted on the other half, per distance.
   Its normal equations are kept per gap and half, in float64, on the host: 8 x ((3D + 3)^2 + (3D + 3) D) numbers,
-  13 MB for the embedded model (D = 128), 7.3 GB for FLUX.1 (D = 3072), beside one call's stack inputs and
-  residuals (2 x steps x batch x tokens x D, float32 and a float64 copy: at 1024x1024, use --batch-size 1).
+  13 MB for the embedded model (D = 128), 7.3 GB for FLUX.1 (D = 3072).
+One uncached pass per batch feeds AFCache and FastCache: it holds every block's residual of the call (steps x
+blocks x batch x tokens x D float32): 22 MB a prompt for the embedded model, but 90 GB for FLUX.1 at 1024x1024
+and 28 steps, which this command does not stream to disk. TeaCache and MagCache read a second pass.
 Writes one JSON file (load it with --calibration FILE or CacheConfig(calibration=FILE)) and a plot of the fits
 beside it.
 
@@ -95,63 +97,74 @@ def parse_args(argv=None):
 AFCACHE_THRESHOLDS = np.round(np.arange(0.30, 1.0001, 0.02), 2)
 
 
-def afcache_calibration(pipe, prompts, steps, batch_size, cache, thresholds=AFCACHE_THRESHOLDS, group_sizes=(1,),
-                        **size):
-    """AFCache's threshold rule simulated per block, and per unit of each of `group_sizes` blocks
-    (fbcache_ms.calibration.simulate_afcache), on the residuals of uncached runs, at each threshold.
-    -> {group size: (decisions [thresholds], forecast cosines [thresholds][])}."""
+def block_trajectories(pipe, prompts, steps, batch_size, **size):
+    """Uncached runs of `prompts`, `batch_size` at a time -> per batch (index of its first prompt, the stack's
+    image input [steps, B, N, D], every block's residual [steps, blocks, B, text + N, D])."""
     from eval.cache_signals import uncached_trajectory
     from eval.probes import probe_cell, read_block_residuals
-    from fbcache_ms.afcache import EMA_KEEP, START, stack_units
-    from fbcache_ms.calibration import simulate_afcache, unit_residuals
 
-    cfg = pipe.transformer.config
-    full = [cache.is_full_step(i) for i in range(steps)]
     probe = probe_cell(pipe.transformer, read_block_residuals)
-    out = {g: (np.zeros(len(thresholds), int), [[] for _ in thresholds]) for g in group_sizes}
     for start in range(0, len(prompts), batch_size):
-        residuals = np.stack([r for _, _, (r,) in uncached_trajectory(pipe, prompts[start:start + batch_size], steps,
-                                                                   probe, **size)])  # [steps, blocks, B, T, D]
-        for g, (decisions, cosines) in out.items():
-            unit = residuals if g == 1 else \
-                unit_residuals(residuals, stack_units(cfg.num_layers, cfg.num_single_layers, g))
+        trajectory = [tensors for _, _, tensors in uncached_trajectory(pipe, prompts[start:start + batch_size], steps,
+                                                                       probe, **size)]
+        yield start, np.stack([h for h, _ in trajectory]), np.stack([r for _, r in trajectory])
+
+
+class AFCacheReplays:
+    """AFCache's threshold rule simulated per block, and per unit of each of `group_sizes` blocks
+    (fbcache_ms.calibration.simulate_afcache), at each threshold, on every block's residual of uncached runs, a
+    batch at a time (add). replays: {group size: (decisions [thresholds], forecast cosines [thresholds][])}."""
+
+    def __init__(self, steps, cache, num_layers, num_single_layers, thresholds=AFCACHE_THRESHOLDS, group_sizes=(1,)):
+        from fbcache_ms.afcache import stack_units
+        self.full = [cache.is_full_step(i) for i in range(steps)]
+        self.order, self.thresholds = cache.order, thresholds
+        self.bounds = {g: stack_units(num_layers, num_single_layers, g) for g in group_sizes}
+        self.replays = {g: (np.zeros(len(thresholds), int), [[] for _ in thresholds]) for g in group_sizes}
+
+    def add(self, residuals):
+        """residuals: [steps, blocks, ...] of one batch."""
+        from fbcache_ms.afcache import EMA_KEEP, START
+        from fbcache_ms.calibration import simulate_afcache, unit_residuals
+        for g, (decisions, cosines) in self.replays.items():
+            unit = residuals if g == 1 else unit_residuals(residuals, self.bounds[g])
             for b in range(unit.shape[1]):
-                for k, threshold in enumerate(thresholds):
-                    d, c, _ = simulate_afcache(unit[:, b], full, threshold, cache.order, EMA_KEEP, START)
+                for k, threshold in enumerate(self.thresholds):
+                    d, c, _ = simulate_afcache(unit[:, b], self.full, threshold, self.order, EMA_KEEP, START)
                     decisions[k] += d
                     cosines[k] += c
-    return out
 
 
-def fastcache_calibration(pipe, prompts, steps, batch_size, motion_ratio):
-    """FastCache's static-token map fitted on uncached runs (fbcache_ms.calibration.StaticMapFit), and on each half
-    of the prompts (even and odd) to score it on the other half.
-    -> (map [3D + 3, D], {steps between the pair, and "all": {"stale", "mapped" dB on the half not fitted}})."""
-    from eval.cache_signals import uncached_trajectory
-    from eval.probes import probe_cell, read_stack_io
-    from fbcache_ms.calibration import StaticMapFit, to_db
+class StaticMapHalves:
+    """FastCache's static-token map (fbcache_ms.calibration.StaticMapFit) fitted on uncached runs a batch at a time
+    (add), on each half of the prompts (prompt k goes to half k % 2), to fit it on all and score it on the half
+    it was not fitted on (solve)."""
 
-    probe = probe_cell(pipe.transformer, read_stack_io)
-    halves = [StaticMapFit(motion_ratio), StaticMapFit(motion_ratio)]
-    for start in range(0, len(prompts), batch_size):
-        trajectory = [tensors for _, _, tensors in uncached_trajectory(pipe, prompts[start:start + batch_size],
-                                                                       steps, probe)]
-        inputs, residuals = (np.stack([step[k] for step in trajectory]) for k in (0, 1))  # [steps, B, N, D]
-        for half, fit in enumerate(halves):  # prompt k goes to half k % 2
+    def __init__(self, motion_ratio):
+        from fbcache_ms.calibration import StaticMapFit
+        self.halves = [StaticMapFit(motion_ratio), StaticMapFit(motion_ratio)]
+
+    def add(self, start, inputs, residuals):
+        """start: index of the batch's first prompt; the stack's image input and residual, [steps, B, N, D]."""
+        for half, fit in enumerate(self.halves):
             first = (half - start) % 2
             if inputs.shape[1] > first:
                 fit.add(inputs[:, first::2], residuals[:, first::2])
-    whole = halves[0].merged(halves[1])
-    held_out = {}
-    if halves[1].rows:
-        for fitted, scored in ((halves[0], halves[1]), (halves[1], halves[0])):
-            for gap, errors in scored.squared_errors(fitted.solve()).items():
-                held_out[gap] = [a + b for a, b in zip(held_out.get(gap, (0.0, 0.0, 0.0)), errors)]
-    scores = {str(g): {"stale": to_db(s, r), "mapped": to_db(m, r)} for g, (s, m, r) in sorted(held_out.items())}
-    if held_out:
-        s, m, r = (sum(e[k] for e in held_out.values()) for k in range(3))
-        scores["all"] = {"stale": to_db(s, r), "mapped": to_db(m, r)}
-    return whole.solve(), scores
+
+    def solve(self):
+        """-> (map [3D + 3, D], {steps between the pair, and "all": {"stale", "mapped" dB on the other half}})."""
+        from fbcache_ms.calibration import to_db
+        a, b = self.halves
+        held_out = {}
+        if b.rows:
+            for fitted, scored in ((a, b), (b, a)):
+                for gap, errors in scored.squared_errors(fitted.solve()).items():
+                    held_out[gap] = [x + y for x, y in zip(held_out.get(gap, (0.0, 0.0, 0.0)), errors)]
+        scores = {str(g): {"stale": to_db(s, r), "mapped": to_db(m, r)} for g, (s, m, r) in sorted(held_out.items())}
+        if held_out:
+            s, m, r = (sum(e[k] for e in held_out.values()) for k in range(3))
+            scores["all"] = {"stale": to_db(s, r), "mapped": to_db(m, r)}
+        return a.merged(b).solve(), scores
 
 
 def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_size=25, group_sizes=(),
@@ -162,7 +175,14 @@ def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_siz
     from fbcache_ms.config import CacheConfig
 
     cache = CacheConfig("afcache", order=2)  # its default schedule: the one `--calibration` alone runs
-    replays = afcache_calibration(pipe, prompts, steps, batch_size, cache, group_sizes=(1, *group_sizes))
+    cfg = pipe.transformer.config
+    afcache = AFCacheReplays(steps, cache, cfg.num_layers, cfg.num_single_layers, group_sizes=(1, *group_sizes))
+    fastcache = StaticMapHalves(motion_ratio)
+    for start, inputs, residuals in block_trajectories(pipe, prompts, steps, batch_size):  # one pass feeds both
+        afcache.add(residuals)
+        # the stack's image residual is the sum of its blocks' (the image tokens are the last N of every block's)
+        fastcache.add(start, inputs, residuals[:, :, :, -inputs.shape[2]:].sum(axis=1))
+    replays = afcache.replays
     fits = {g: calib.fit_afcache_threshold(AFCACHE_THRESHOLDS, d, c, target_cosine, tolerance)
             for g, (d, c) in replays.items()}
     decisions, cosines = replays[1]
@@ -183,7 +203,7 @@ def calibrate(pipe, prompts, steps, target_cosine=0.98, tolerance=0.1, batch_siz
                         "by_group_size": {str(g): {"threshold": t, "forecast_fraction": f, "miss_rate": m,
                                                    "decisions": int(replays[g][0][0])}
                                           for g, (t, f, m) in fits.items() if g > 1}}}
-    static_map, held_out = fastcache_calibration(pipe, prompts, steps, batch_size, motion_ratio)
+    static_map, held_out = fastcache.solve()
     data["fastcache"] = {"motion_ratio": motion_ratio, "ridge": calib.STATIC_MAP_RIDGE, "held_out_db": held_out}
     return data, sig, static_map
 

@@ -33,9 +33,9 @@ def read_signals(t, h, e, temb, cos, sin):
 
 
 def read_block_residuals(t, h, e, temb, cos, sin):
-    """The velocity and every block's residual, [blocks, B, text + image tokens, dim] (a double block's text and
-    image streams side by side)."""
-    residuals = []
+    """The velocity, the stack's image input and every block's residual, [blocks, B, text + image tokens, dim] (a
+    double block's text and image streams side by side)."""
+    h_in, residuals = h, []
     for block in t.transformer_blocks:
         h_new, e_new = block(h, e, temb, cos, sin)[:2]
         residuals.append(ops.cat([e_new - e, h_new - h], axis=1))
@@ -46,7 +46,7 @@ def read_block_residuals(t, h, e, temb, cos, sin):
         x_new = block(x, temb, cos, sin)[0]
         residuals.append(x_new - x)
         x = x_new
-    return t.head(x[:, txt_len:], temb), ops.stack(residuals)
+    return t.head(x[:, txt_len:], temb), h_in, ops.stack(residuals)
 
 
 def read_stack_io(t, h, e, temb, cos, sin):

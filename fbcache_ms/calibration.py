@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from utils import write_json_atomic
+from utils import write_bytes_atomic, write_json_atomic
 
 CALIBRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibrations")
 FLUX_DEV = os.path.join(CALIBRATIONS, "flux1-dev.json")
@@ -205,10 +205,7 @@ def save_static_map(json_path, w):
     name = os.path.basename(json_path)[:-len(".json")] + ".fastcache.safetensors"
     path = os.path.join(os.path.dirname(os.path.abspath(json_path)), name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(save({"static_map": np.ascontiguousarray(w, np.float32)}))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, save({"static_map": np.ascontiguousarray(w, np.float32)}))
     fastcache_static_map.cache_clear()
     return {"static_map": name, "sha256": _sha256(path)}
 

@@ -75,12 +75,10 @@ class FastCache(WholeStackCache):
 
     def load(self, cache):
         if self.mapped:
-            w = calib.fastcache_static_map(cache.calibration)
-            if w.shape != self.static_map.value.shape:
-                raise calib.CalibrationError(
-                    f"calibration file {cache.calibration!r}: its static map is for hidden size {w.shape[1]}, this "
-                    f"model's is {self.static_map.value.shape[1]}")
-            self.static_map.store(ms.Tensor(w))
+            problem = cache.model_problem(self.transformer.num_blocks, self.static_map.value.shape[1])
+            if problem:
+                raise calib.CalibrationError(problem)
+            self.static_map.store(ms.Tensor(calib.fastcache_static_map(cache.calibration)))
 
     def step_inputs(self, cache, i, num_steps):
         return (ms.Tensor(float(i), ms.float32), ms.Tensor(cache.threshold, ms.float32),

@@ -86,19 +86,16 @@ def test_newton_history_is_the_reference_forecast():
 def test_calibration_replays_the_policy_and_fits_a_threshold(dev_pipeline, tmp_path, group_size):
     """Open-loop replay of the threshold rule on the uncached residuals (of blocks, or summed over units): on the
     first decision step nothing has been forecast yet, so the replay must pick exactly the units the policy picks."""
-    from eval.cache_signals import uncached_trajectory
-    from eval.calibrate_cache import afcache_calibration
-    from eval.probes import probe_cell, read_block_residuals
+    from eval.calibrate_cache import AFCacheReplays, block_trajectories
     from fbcache_ms import calibration as calib
     from fbcache_ms.afcache import EMA_KEEP, START, stack_units
 
     cache = CacheConfig("afcache", order=2, threshold=1.0, **SCHEDULE)
-    probe = probe_cell(dev_pipeline.transformer, read_block_residuals)
     size = dict(size=CALL["height"], max_sequence_length=CALL["max_sequence_length"])
-    residuals = np.stack([r for _, _, (r,) in uncached_trajectory(dev_pipeline, ["a cat"], STEPS, probe, **size)])
+    [(_, _, block_residuals)] = block_trajectories(dev_pipeline, ["a cat"], STEPS, 1, **size)
     bounds = stack_units(2, 3, group_size)
     assert bounds == ([(b, b + 1) for b in range(BLOCKS)] if group_size == 1 else [(0, 2), (2, 4), (4, 5)])
-    residuals = calib.unit_residuals(residuals, bounds)
+    residuals = calib.unit_residuals(block_residuals, bounds)
     full = [cache.is_full_step(i) for i in range(STEPS)]
     n = len(bounds)
 
@@ -120,8 +117,9 @@ def test_calibration_replays_the_policy_and_fits_a_threshold(dev_pipeline, tmp_p
     assert replay(threshold) == tuple(policy[a] == 0 for a, _ in bounds) and 0 < sum(replay(threshold)) < n
 
     thresholds = np.array([0.0, 0.5, 0.9, 1.0])
-    decisions, cosines = afcache_calibration(dev_pipeline, ["a cat"], STEPS, 1, cache, thresholds, (group_size,),
-                                             **size)[group_size]
+    replays = AFCacheReplays(STEPS, cache, 2, 3, thresholds, (group_size,))
+    replays.add(block_residuals)
+    decisions, cosines = replays.replays[group_size]
     assert list(decisions) == [4 * n] * 4 and cosines[-1] == []  # 4 decision steps; 1 runs every unit
     assert len(cosines[0]) == 4 * n  # threshold 0: every decision forecasts
     target = float(np.median(cosines[0]))

@@ -227,3 +227,22 @@ def test_graph_features_are_the_fits(dev_pipeline, tmp_path):
         feature.store(ms.Tensor(value))
     ours = policy.map_features(ms.Tensor(h), ms.Tensor(0.75, ms.float32)).asnumpy()
     np.testing.assert_allclose(ours, static_map_features(h - h_a, r_a, 0.75, 0.75 - p_a), rtol=1e-6, atol=1e-6)
+
+
+def test_calibration_reads_the_stack_from_its_blocks(dev_pipeline):
+    """eval.calibrate_cache fits the map on the stack's image residual taken as the sum of its blocks' image
+    residuals (one uncached pass feeds AFCache and FastCache): equal to the stack's own output - input."""
+    from eval.cache_signals import uncached_trajectory
+    from eval.calibrate_cache import block_trajectories
+    from eval.probes import probe_cell, read_stack_io
+    size = dict(size=CALL["height"], max_sequence_length=CALL["max_sequence_length"])
+    [(start, inputs, blocks)] = block_trajectories(dev_pipeline, ["a cat", "a dog"], 3, 2, **size)
+    probe = probe_cell(dev_pipeline.transformer, read_stack_io)
+    stack = [tensors for _, _, tensors in uncached_trajectory(dev_pipeline, ["a cat", "a dog"], 3, probe, **size)]
+    n = inputs.shape[2]
+    assert start == 0 and inputs.shape[:2] == (3, 2) and blocks.shape[:3] == (3, 5, 2) and blocks.shape[3] > n
+    np.testing.assert_array_equal(inputs, np.stack([h for h, _ in stack]))
+    expected = np.stack([r for _, r in stack])
+    np.testing.assert_allclose(blocks[:, :, :, -n:].sum(axis=1), expected, rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0 and not np.allclose(blocks[:, :, :, :n].sum(axis=1), expected, atol=1e-3)
