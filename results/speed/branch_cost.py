@@ -3,7 +3,6 @@ inputs, every policy set so that every step computes, in one process, alternatin
 
   python results/speed/branch_cost.py CHECKPOINT [ROUNDS] [METHOD ...]
 """
-import json
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import mindspore as ms  # noqa: E402
 
 from fbcache_ms.config import CacheConfig  # noqa: E402
 from pipelines.flux_pipeline import FluxPipeline, latent_image_ids  # noqa: E402
+from utils import write_json_atomic  # noqa: E402
 
 ALWAYS_COMPUTE = {  # every step computes (asserted below)
     "magcache": dict(method="magcache", threshold=0.0, retention=1.0),
@@ -70,6 +70,5 @@ for r in range(rounds):
 base = float(np.median(times["uncached"]))
 for w in order:
     print(f"{w:10s} {np.median(times[w]):.3f} s, {np.median(times[w]) / base:.3f} of the plain transformer")
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "branch_cost.json"), "w") as f:
-    json.dump(dict(rounds=rounds, times=times, of_plain={w: float(np.median(v)) / base for w, v in times.items()}),
-              f, indent=1)
+write_json_atomic(os.path.join(os.path.dirname(os.path.abspath(__file__)), "branch_cost.json"),
+                  dict(rounds=rounds, times=times, of_plain={w: float(np.median(v)) / base for w, v in times.items()}))

@@ -5,7 +5,6 @@ transformer on as many tokens, in one process, alternating (FastCache's ideal co
 
   python results/speed/token_scaling.py CHECKPOINT [ROUNDS]   # FLUX-proportioned model, 256x256, 64 text tokens
 """
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import mindspore as ms  # noqa: E402
 
 from fbcache_ms.config import CacheConfig  # noqa: E402
 from pipelines.flux_pipeline import FluxPipeline, latent_image_ids  # noqa: E402
+from utils import write_json_atomic  # noqa: E402
 
 checkpoint, rounds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 12
 text, grid = 64, 32  # 256x256: a 32x32 latent grid, 16x16 = 256 image tokens after 2x2 packing
@@ -72,6 +72,5 @@ for k, t in times.items():
     print(f"{'fastcache reduced' if k == 'fastcache' else 'uncached'}, image tokens {tokens:4d} (+{text} text): "
           f"{med:.3f} s, {med / full:.3f} of the full step; token share {(text + tokens) / (text + n):.3f}")
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "token_scaling.json")
-with open(out, "w") as f:
-    json.dump(dict(checkpoint=os.path.basename(os.path.normpath(checkpoint)), rounds=rounds, rows=rows,
-                   times={str(k): v for k, v in times.items()}), f, indent=1)
+write_json_atomic(out, dict(checkpoint=os.path.basename(os.path.normpath(checkpoint)), rounds=rounds, rows=rows,
+                           times={str(k): v for k, v in times.items()}))
